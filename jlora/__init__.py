@@ -1,0 +1,50 @@
+"""jlora: LoRA as a pure transform over JAX parameter pytrees.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jlora
+  >>> params = {"dense": {"kernel": jnp.ones((8, 8))}}
+  >>> lp = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets=".*/kernel"))
+  >>> y = jlora.wrap(lambda p, x: x @ p["dense"]["kernel"])(lp, jnp.ones((1, 8)))
+"""
+
+from jlora._apply import infer_layout
+from jlora._apply import wrap
+from jlora._config import KernelLayout
+from jlora._config import LoraConfig
+from jlora._config import Rule
+from jlora._count import ParamCount
+from jlora._count import count
+from jlora._init import init
+from jlora._interpreter import LoraApplyError
+from jlora._merge import merge
+from jlora._merge import unload
+from jlora._optim import optimizer
+from jlora._partition import combine
+from jlora._partition import labels
+from jlora._partition import split
+from jlora._partition import trainable_mask
+from jlora._weight import LoraSpec
+from jlora._weight import LoraWeight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelLayout",
+    "LoraApplyError",
+    "LoraConfig",
+    "LoraSpec",
+    "LoraWeight",
+    "ParamCount",
+    "Rule",
+    "combine",
+    "count",
+    "infer_layout",
+    "init",
+    "labels",
+    "merge",
+    "optimizer",
+    "split",
+    "trainable_mask",
+    "unload",
+    "wrap",
+]

@@ -1,0 +1,436 @@
+"""A jaxpr interpreter that evaluates a traced function with ``LowRank`` kernels.
+
+Equations that do not touch a LoRA kernel are re-bound unchanged. Equations
+that do are handled by a rule: structural ops (transpose, reshape, cast,
+slice...) update the ``LowRank`` value; consumers (``dot_general``,
+``conv_general_dilated``, ``gather``) add the low-rank path to the base
+result; control flow (``jit``, ``remat``, ``scan``, ``cond``, ``while``)
+recurses into its body. Anything else is an error unless the user opted into
+merging that use on the fly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+from jax.extend.core import primitives as P
+
+from jlora import _lowrank
+from jlora._lowrank import LowRank, OrientationError, Unsupported
+
+try:  # source locations in error messages and profiles; private, so optional
+  from jax._src import source_info_util as _siu
+except Exception:  # pragma: no cover
+  _siu = None
+
+OnUnsupported = Literal["error", "merge"]
+
+
+class LoraApplyError(ValueError):
+  """The wrapped function used a LoRA kernel in a way the low-rank path cannot serve."""
+
+
+def _where(eqn) -> str:
+  if _siu is None:
+    return ""
+  try:
+    s = _siu.summarize(eqn.source_info)
+    return f" (at {s})" if s and "unknown" not in s else ""
+  except Exception:  # pragma: no cover
+    return ""
+
+
+def _ctx(eqn):
+  if _siu is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  try:
+    name_stack = _siu.current_name_stack() + eqn.source_info.name_stack
+    stack.enter_context(_siu.user_context(eqn.source_info.traceback, name_stack=name_stack))
+  except Exception:  # pragma: no cover
+    pass
+  stack.enter_context(eqn.ctx.manager)
+  return stack
+
+
+def _bind(eqn, invals, *, ctx: bool = True) -> list:
+  params = eqn.primitive.get_bind_params(eqn.params)
+  with _ctx(eqn) if ctx else contextlib.nullcontext():
+    out = eqn.primitive.bind(*invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _is_lr(x) -> bool:
+  return isinstance(x, LowRank)
+
+
+class Interpreter:
+  """Evaluates jaxprs, replacing LoRA kernel uses by their low-rank path.
+
+  ``mode="lora"`` computes; ``mode="probe"`` records how each kernel is used
+  (for ``jlora.infer_layout``) and computes only the base.
+  """
+
+  def __init__(self, *, mode: str, on_unsupported: OnUnsupported, rng, usages: dict):
+    self.mode = mode
+    self.on_unsupported = on_unsupported
+    self.rng = rng
+    self.usages = usages
+    self._sites = 0
+
+  def child(self, rng) -> "Interpreter":
+    return Interpreter(mode=self.mode, on_unsupported=self.on_unsupported, rng=rng, usages=self.usages)
+
+  def next_key(self):
+    if self.rng is None:
+      return None
+    self._sites += 1
+    return jax.random.fold_in(self.rng, self._sites)
+
+  def record(self, v: LowRank, usage: dict) -> None:
+    self.usages.setdefault(v.path, []).append(usage)
+
+  # -- evaluation -----------------------------------------------------------------
+  def run(self, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
+    env: dict = {}
+
+    def read(v):
+      return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for var, val in zip(jaxpr.constvars, consts):
+      env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+      env[var] = val
+    for eqn in jaxpr.eqns:
+      invals = [read(v) for v in eqn.invars]
+      if not any(_is_lr(x) for x in invals):
+        outs = _bind(eqn, invals)
+      else:
+        rule = _RULES.get(eqn.primitive)
+        try:
+          if rule is None:
+            raise Unsupported("")
+          with _ctx(eqn):
+            outs = rule(self, eqn, invals)
+        except Unsupported as e:
+          outs = self.unsupported(eqn, invals, str(e))
+        except OrientationError as e:
+          raise LoraApplyError(f"jlora.wrap: {e}{_where(eqn)}") from None
+      for var, val in zip(eqn.outvars, outs):
+        if not isinstance(var, jcore.DropVar):
+          env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+  def unsupported(self, eqn, invals, reason: str) -> list:
+    lrs = [x for x in invals if _is_lr(x)]
+    if self.mode == "probe":
+      for v in lrs:
+        self.record(v, {"kind": "other", "primitive": eqn.primitive.name})
+      return _bind(eqn, [x.base if _is_lr(x) else x for x in invals])
+    if self.on_unsupported == "merge":
+      return _bind(eqn, [x.dense() if _is_lr(x) else x for x in invals])
+    paths = ", ".join(repr(v.path) for v in lrs)
+    why = f": {reason}" if reason else ""
+    raise LoraApplyError(
+        f"jlora.wrap: the LoRA kernel {paths} reaches `{eqn.primitive.name}`{_where(eqn)}, which "
+        f"the low-rank path cannot serve{why}. Either exclude this parameter from the LoRA "
+        "targets (LoraConfig(exclude=...)), or opt into building the dense W0 + scale·B·A for "
+        "this use with jlora.wrap(fn, on_unsupported='merge')."
+    )
+
+  def finish(self, outs: list) -> list:
+    """Top-level outputs must be plain arrays."""
+    result = []
+    for x in outs:
+      if _is_lr(x):
+        if self.mode == "probe":
+          x = x.base
+        elif self.on_unsupported == "merge":
+          x = x.dense()
+        else:
+          raise LoraApplyError(
+              f"jlora.wrap: the wrapped function returns the LoRA kernel {x.path!r} itself; the "
+              "low-rank path only serves uses of a kernel. Return something computed from it, "
+              "or pass on_unsupported='merge' to return the merged kernel."
+          )
+      result.append(x)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Rules
+# -----------------------------------------------------------------------------
+
+_RULES: dict[Any, Callable] = {}
+
+
+def _rule(*prims):
+  def deco(fn):
+    for p in prims:
+      _RULES[p] = fn
+    return fn
+
+  return deco
+
+
+def _single(invals) -> tuple[LowRank, list]:
+  lrs = [i for i, x in enumerate(invals) if _is_lr(x)]
+  if len(lrs) != 1 or lrs[0] != 0:
+    raise Unsupported("")
+  return invals[0], invals[1:]
+
+
+def _base_out(eqn, invals):
+  # Rules run inside the equation's source context already.
+  return _bind(eqn, [x.base if _is_lr(x) else x for x in invals], ctx=False)
+
+
+@_rule(P.convert_element_type_p, P.copy_p, P.reduce_precision_p, P.sharding_constraint_p,
+       P.device_put_p)
+def _passthrough(interp, eqn, invals):
+  v, _ = _single(invals)
+  outs = _base_out(eqn, invals)
+  if len(outs) != 1:
+    raise Unsupported("")
+  return [v.with_base(outs[0])]
+
+
+@_rule(P.transpose_p)
+def _transpose(interp, eqn, invals):
+  v, _ = _single(invals)
+  (out,) = _base_out(eqn, invals)
+  return [v.transpose(eqn.params["permutation"], out)]
+
+
+@_rule(P.reshape_p, P.squeeze_p)
+def _reshape(interp, eqn, invals):
+  v, rest = _single(invals)
+  if rest or eqn.params.get("dimensions") is not None:
+    raise Unsupported("a reshape with dynamic shapes or a dimension permutation")
+  (out,) = _base_out(eqn, invals)
+  return [v.reshape(out.shape, out)]
+
+
+@_rule(P.broadcast_in_dim_p)
+def _broadcast(interp, eqn, invals):
+  v, rest = _single(invals)
+  if rest or not _lowrank.is_unit_broadcast(v.base.shape, eqn.params["shape"],
+                                            eqn.params["broadcast_dimensions"]):
+    raise Unsupported("a broadcast that tiles the kernel")
+  (out,) = _base_out(eqn, invals)
+  return [v.reshape(out.shape, out)]
+
+
+@_rule(P.slice_p)
+def _slice(interp, eqn, invals):
+  v, _ = _single(invals)
+  (out,) = _base_out(eqn, invals)
+  p = eqn.params
+  strides = p["strides"] or (1,) * len(p["start_indices"])
+  slices = {}
+  for ax, (s, e, st) in enumerate(zip(p["start_indices"], p["limit_indices"], strides)):
+    if (s, e, st) != (0, v.base.shape[ax], 1):
+      slices[ax] = (s, out.shape[ax], st)
+  return [v.slice_axes(slices, out, dynamic=False)]
+
+
+@_rule(P.dynamic_slice_p)
+def _dynamic_slice(interp, eqn, invals):
+  v, starts = _single(invals)
+  if any(_is_lr(s) for s in starts):
+    raise Unsupported("")
+  (out,) = _base_out(eqn, invals)
+  sizes = eqn.params["slice_sizes"]
+  slices = {ax: (starts[ax], sizes[ax], 1) for ax in range(len(sizes)) if sizes[ax] != v.base.shape[ax]}
+  return [v.slice_axes(slices, out, dynamic=True)]
+
+
+@_rule(P.mul_p, P.div_p)
+def _scalar_mul(interp, eqn, invals):
+  x, y = invals
+  if _is_lr(x) and not _is_lr(y):
+    v, c = x, y
+  elif _is_lr(y) and not _is_lr(x) and eqn.primitive is P.mul_p:
+    v, c = y, x
+  else:
+    raise Unsupported("")
+  if jnp.ndim(c) != 0:
+    raise Unsupported("an elementwise product with a non-scalar")
+  (out,) = _base_out(eqn, invals)
+  factor = c if eqn.primitive is P.mul_p else 1.0 / jnp.asarray(c, jnp.float32)
+  return [v.scale_by(factor, out)]
+
+
+@_rule(P.neg_p)
+def _neg(interp, eqn, invals):
+  v, _ = _single(invals)
+  (out,) = _base_out(eqn, invals)
+  return [v.scale_by(-1.0, out)]
+
+
+@_rule(P.stop_gradient_p)
+def _stop_gradient(interp, eqn, invals):
+  v, _ = _single(invals)
+  (out,) = _base_out(eqn, invals)
+  return [v.map_factors(lax.stop_gradient, out)]
+
+
+@_rule(P.dot_general_p)
+def _dot_general(interp, eqn, invals):
+  lhs, rhs = invals
+  if _is_lr(lhs) and _is_lr(rhs):
+    raise Unsupported("a product of two LoRA kernels")
+  (out,) = _base_out(eqn, invals)
+  v_is_lhs = _is_lr(lhs)
+  v, x = (lhs, rhs) if v_is_lhs else (rhs, lhs)
+  dn = eqn.params["dimension_numbers"]
+  if interp.mode == "probe":
+    (lc, rc), (lb, rb) = dn
+    vc, vb = (lc, lb) if v_is_lhs else (rc, rb)
+    interp.record(v, {
+        "kind": "dot",
+        "in": _lowrank.provenance(v.labels[i] for i in vc),
+        "batch": tuple(sorted(set(_lowrank.provenance(v.labels[i] for i in vb)) | set(v.dropped))),
+    })
+    return [out]
+  lora = _lowrank.dot_general(
+      v, x, v_is_lhs=v_is_lhs, dimension_numbers=dn, precision=eqn.params["precision"],
+      out_dtype=out.dtype, key=interp.next_key())
+  return [out + lora]
+
+
+@_rule(P.conv_general_dilated_p)
+def _conv(interp, eqn, invals):
+  lhs, rhs = invals
+  if _is_lr(lhs):
+    raise Unsupported("a LoRA kernel used as the convolution input")
+  (out,) = _base_out(eqn, invals)
+  if interp.mode == "probe":
+    rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+    interp.record(rhs, {
+        "kind": "conv",
+        "in": _lowrank.provenance(l for i, l in enumerate(rhs.labels) if i != rhs_spec[0]),
+        "batch": tuple(sorted(rhs.dropped)),
+    })
+    return [out]
+  lora = _lowrank.conv(rhs, lhs, params=eqn.params, out_dtype=out.dtype, key=interp.next_key())
+  return [out + lora]
+
+
+@_rule(P.gather_p)
+def _gather(interp, eqn, invals):
+  v, (indices,) = _single(invals)
+  (out,) = _base_out(eqn, invals)
+  if interp.mode == "probe":
+    dn = eqn.params["dimension_numbers"]
+    interp.record(v, {
+        "kind": "gather",
+        "in": _lowrank.provenance(v.labels[d] for d in dn.start_index_map),
+        "batch": tuple(sorted(v.dropped)),
+    })
+    return [out]
+  return [out + _lowrank.gather(v, indices, params=eqn.params, out_dtype=out.dtype)]
+
+
+# -- control flow ---------------------------------------------------------------------
+
+
+def _closed(j):
+  if isinstance(j, jcore.ClosedJaxpr):
+    return j.jaxpr, j.consts
+  return j, ()
+
+
+@_rule(P.jit_p, P.closed_call_p)
+def _inline(interp, eqn, invals):
+  jaxpr, consts = _closed(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
+  return interp.run(jaxpr, consts, invals)
+
+
+@_rule(P.remat_p)
+def _remat(interp, eqn, invals):
+  p = eqn.params
+  jaxpr, consts = _closed(p["jaxpr"])
+
+  def body(vals, key):
+    return interp.child(key).run(jaxpr, consts, vals)
+
+  ck = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
+  return ck(list(invals), interp.next_key())
+
+
+@_rule(P.scan_p)
+def _scan(interp, eqn, invals):
+  p = eqn.params
+  nconst, ncarry = p["num_consts"], p["num_carry"]
+  consts = invals[:nconst]
+  init = invals[nconst:nconst + ncarry]
+  xs = invals[nconst + ncarry:]
+  if any(_is_lr(c) for c in init):
+    raise Unsupported("a LoRA kernel in a scan carry")
+  jaxpr, jconsts = _closed(p["jaxpr"])
+  packed, rebuild = [], []
+  for x in xs:
+    if _is_lr(x):
+      children, fn = x.scan_split()
+      packed.append(children)
+      rebuild.append(fn)
+    else:
+      packed.append(x)
+      rebuild.append(None)
+  key = interp.next_key()
+  keys = None if key is None else jax.random.split(key, p["length"])
+
+  def body(carry, inp):
+    xs_in, k = inp
+    xs_vals = [fn(x) if fn is not None else x for x, fn in zip(xs_in, rebuild)]
+    outs = interp.child(k).run(jaxpr, jconsts, [*consts, *carry, *xs_vals])
+    return outs[:ncarry], outs[ncarry:]
+
+  carry, ys = lax.scan(body, list(init), (packed, keys), length=p["length"],
+                       reverse=p["reverse"], unroll=p["unroll"])
+  return [*carry, *ys]
+
+
+@_rule(P.cond_p)
+def _cond(interp, eqn, invals):
+  index, ops = invals[0], list(invals[1:])
+  if _is_lr(index):
+    raise Unsupported("")
+  key = interp.next_key()
+
+  def branch(closed):
+    jaxpr, consts = _closed(closed)
+    return lambda ops, k: interp.child(k).run(jaxpr, consts, ops)
+
+  return lax.switch(index, [branch(b) for b in eqn.params["branches"]], ops, key)
+
+
+@_rule(P.while_p)
+def _while(interp, eqn, invals):
+  p = eqn.params
+  nc, nb = p["cond_nconsts"], p["body_nconsts"]
+  cconsts, bconsts, init = invals[:nc], invals[nc:nc + nb], list(invals[nc + nb:])
+  if any(_is_lr(x) for x in init):
+    raise Unsupported("a LoRA kernel in a while-loop carry")
+  cj, cc = _closed(p["cond_jaxpr"])
+  bj, bc = _closed(p["body_jaxpr"])
+  key = interp.next_key()
+
+  def cond_fn(state):
+    carry, _ = state
+    return interp.child(None).run(cj, cc, [*cconsts, *carry])[0]
+
+  def body_fn(state):
+    carry, k = state
+    k_here, k_next = (None, None) if k is None else tuple(jax.random.split(k))
+    return interp.child(k_here).run(bj, bc, [*bconsts, *carry]), k_next
+
+  carry, _ = lax.while_loop(cond_fn, body_fn, (init, key))
+  return list(carry)

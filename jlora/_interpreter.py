@@ -208,7 +208,14 @@ def _transpose(interp, eqn, invals):
   return [v.transpose(eqn.params["permutation"], out)]
 
 
-@_rule(P.reshape_p, P.squeeze_p)
+@_rule(P.squeeze_p)
+def _squeeze(interp, eqn, invals):
+  v, _ = _single(invals)
+  (out,) = _base_out(eqn, invals)
+  return [v.reshape(out.shape, out)]
+
+
+@_rule(P.reshape_p)
 def _reshape(interp, eqn, invals):
   v, rest = _single(invals)
   if rest or eqn.params.get("dimensions") is not None:

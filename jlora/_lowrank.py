@@ -199,9 +199,6 @@ class LowRank:
     b, b_labels = factor(self.b, self.b_labels, "b")
     return LowRank(base, a, b, new_labels, a_labels, b_labels, self.source, dropped)
 
-  def squeeze(self, dims: Sequence[int], base) -> "LowRank":
-    return self.reshape(tuple(base.shape), base)
-
   def slice_axes(self, axis_slices: dict[int, tuple], base, dynamic: bool) -> "LowRank":
     """Slices value axes; ``axis_slices[axis] = (start, size, stride)``."""
     a, b = self.a, self.b

@@ -64,7 +64,12 @@ def _arg_path(path) -> str:
   return path_str(path[2:]) if len(path) > 2 else path_str(path)
 
 
-def wrap(fn: Callable, *, on_unsupported: OnUnsupported = "error") -> Callable:
+def wrap(
+    fn: Callable,
+    *,
+    on_unsupported: OnUnsupported = "error",
+    fused_expansion: bool | None = None,
+) -> Callable:
   """Wraps ``fn`` so that it accepts trees holding ``jlora.LoraWeight`` kernels.
 
   The wrapped function has ``fn``'s signature plus an optional keyword-only
@@ -84,6 +89,12 @@ def wrap(fn: Callable, *, on_unsupported: OnUnsupported = "error") -> Callable:
   Args:
     fn: the function to wrap.
     on_unsupported: ``"error"`` (default) or ``"merge"``.
+    fused_expansion: emit the rank-r expansions ``t·B`` / ``dt·Aᵀ`` as fused
+      multiply-adds (ranks <= 16) under a custom VJP, so that XLA adds them
+      inside the consumer instead of keeping a second full-size buffer. ``None``
+      (default) enables it on the CPU backend, where XLA cannot fuse a matmul
+      into the following add. Forward-mode AD (``jax.jvp``) does not pass a
+      custom VJP: set ``False`` to differentiate the wrapped function with jvp.
 
   Returns:
     The wrapped function.
@@ -98,6 +109,8 @@ def wrap(fn: Callable, *, on_unsupported: OnUnsupported = "error") -> Callable:
   """
   if on_unsupported not in ("error", "merge"):
     raise ValueError(f"jlora.wrap: on_unsupported must be 'error' or 'merge', got {on_unsupported!r}.")
+  if fused_expansion not in (None, True, False):
+    raise ValueError(f"jlora.wrap: fused_expansion must be None, True or False, got {fused_expansion!r}.")
 
   @functools.wraps(fn)
   def wrapped(*args, lora_rng: jax.Array | None = None, **kwargs):
@@ -105,7 +118,9 @@ def wrap(fn: Callable, *, on_unsupported: OnUnsupported = "error") -> Callable:
     inputs = list(dyn_vals)
     for index, (pos, path, weight) in enumerate(kernels):
       inputs[pos] = LowRank.from_weight(weight, weight.w0, Source(path, weight.spec, index))
-    interp = Interpreter(mode="lora", on_unsupported=on_unsupported, rng=lora_rng, usages={})
+    fused = jax.default_backend() == "cpu" if fused_expansion is None else fused_expansion
+    interp = Interpreter(mode="lora", on_unsupported=on_unsupported, rng=lora_rng, usages={},
+                         fused_expansion=fused)
     outs = interp.run(closed.jaxpr, closed.consts, inputs)
     return unflatten(interp.finish(outs))
 

@@ -21,8 +21,9 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
-from jlora import _lowrank
-from jlora._lowrank import LowRank, OrientationError, Unsupported
+from jlora import _consumers, _lowrank
+from jlora._consumers import OrientationError
+from jlora._lowrank import LowRank, Unsupported
 
 try:  # source locations in error messages and profiles; private, so optional
   from jax._src import source_info_util as _siu
@@ -77,15 +78,18 @@ class Interpreter:
   (for ``jlora.infer_layout``) and computes only the base.
   """
 
-  def __init__(self, *, mode: str, on_unsupported: OnUnsupported, rng, usages: dict):
+  def __init__(self, *, mode: str, on_unsupported: OnUnsupported, rng, usages: dict,
+               fused_expansion: bool = False):
     self.mode = mode
     self.on_unsupported = on_unsupported
     self.rng = rng
     self.usages = usages
+    self.fused_expansion = fused_expansion
     self._sites = 0
 
   def child(self, rng) -> "Interpreter":
-    return Interpreter(mode=self.mode, on_unsupported=self.on_unsupported, rng=rng, usages=self.usages)
+    return Interpreter(mode=self.mode, on_unsupported=self.on_unsupported, rng=rng,
+                       usages=self.usages, fused_expansion=self.fused_expansion)
 
   def next_key(self):
     if self.rng is None:
@@ -306,9 +310,9 @@ def _dot_general(interp, eqn, invals):
         "batch": tuple(sorted(set(_lowrank.provenance(v.labels[i] for i in vb)) | set(v.dropped))),
     })
     return [out]
-  lora = _lowrank.dot_general(
+  lora = _consumers.dot_general(
       v, x, v_is_lhs=v_is_lhs, dimension_numbers=dn, precision=eqn.params["precision"],
-      out_dtype=out.dtype, key=interp.next_key())
+      out_dtype=out.dtype, key=interp.next_key(), fused_expansion=interp.fused_expansion)
   return [out + lora]
 
 
@@ -326,7 +330,7 @@ def _conv(interp, eqn, invals):
         "batch": tuple(sorted(rhs.dropped)),
     })
     return [out]
-  lora = _lowrank.conv(rhs, lhs, params=eqn.params, out_dtype=out.dtype, key=interp.next_key())
+  lora = _consumers.conv(rhs, lhs, params=eqn.params, out_dtype=out.dtype, key=interp.next_key())
   return [out + lora]
 
 
@@ -342,7 +346,7 @@ def _gather(interp, eqn, invals):
         "batch": tuple(sorted(v.dropped)),
     })
     return [out]
-  return [out + _lowrank.gather(v, indices, params=eqn.params, out_dtype=out.dtype)]
+  return [out + _consumers.gather(v, indices, params=eqn.params, out_dtype=out.dtype)]
 
 
 # -- control flow ---------------------------------------------------------------------
@@ -441,3 +445,4 @@ def _while(interp, eqn, invals):
 
   carry, _ = lax.while_loop(cond_fn, body_fn, (init, key))
   return list(carry)
+

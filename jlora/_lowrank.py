@@ -56,7 +56,7 @@ class Unsupported(Exception):
   """Raised by a rule when the low-rank form cannot express an operation."""
 
 
-def _prov(labels) -> frozenset:
+def prov(labels) -> frozenset:
   out = frozenset()
   for l in labels:
     out |= l.axes
@@ -177,9 +177,9 @@ class LowRank:
         elif new_shape[j] == 1:
           new_labels[j] = new_label()
         else:
-          new_labels[j] = new_label(_prov(nonunit))
+          new_labels[j] = new_label(prov(nonunit))
       owners.append(owner)
-    carried = _prov(new_labels)
+    carried = prov(new_labels)
     dropped = self.dropped | frozenset(
         ax for l in self.labels if l not in new_labels for ax in l.axes if ax not in carried)
     if self.is_probe:
@@ -263,7 +263,7 @@ class LowRank:
   # -- dense fallback -------------------------------------------------------------------
   def dense(self) -> jax.Array:
     """``base + scale·(a⊗b)`` computed in float32 and cast to ``base.dtype`` (opt-in only)."""
-    letters = _Letters()
+    letters = Letters()
     spec = f"{letters(self.a_labels)},{letters(self.b_labels)}->{letters(self.labels)}"
     d = jnp.einsum(spec, self.a.astype(jnp.float32), self.b.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
@@ -271,7 +271,7 @@ class LowRank:
     return out.astype(self.base.dtype)
 
 
-class _Letters:
+class Letters:
   """Assigns einsum letters to labels."""
 
   _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -327,159 +327,6 @@ def _reshape_groups(old: tuple[int, ...], new: tuple[int, ...]) -> list[tuple[li
   return groups
 
 
-# -----------------------------------------------------------------------------
-# Consumers: the low-rank path of a matmul, a convolution and a lookup.
-# -----------------------------------------------------------------------------
-
-
-def _dropout(x, rate: float, key):
-  if key is None or rate <= 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-class OrientationError(Exception):
-  pass
-
-
-def _orientation(v: LowRank, contracted: frozenset, what: str) -> str:
-  """Which factor the layer input meets first; raises if the use is transposed."""
-  c = frozenset(l for l in contracted if l.axes)
-  a_only = frozenset(l for l in v.a_only if l.axes)
-  b_only = frozenset(l for l in v.b_only if l.axes)
-  if c and c == a_only:
-    return "a"
-  spec = v.source.spec
-  if c and c == b_only and spec.layout.embedding:
-    return "b"
-  got = tuple(sorted(_prov(c)))
-  raise OrientationError(
-      f"{v.path!r} is {what} over kernel axes {got}, but its adapter was created with input "
-      f"axes {spec.in_axes} (A covers the input axes, B the output axes {spec.out_axes}). The "
-      "layer uses this kernel in another orientation (e.g. stored transposed like GPT-2's "
-      "Conv1D). Re-create the adapters with jlora.init(..., layout=jlora.infer_layout(apply_fn, "
-      "params, *example_args)) or give the rule layout=jlora.KernelLayout(in_axes=...)."
-  )
-
-
-def dot_general(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out_dtype, key):
-  """The low-rank part of ``dot_general(x, v)`` (or ``(v, x)``), already scaled."""
-  (lc, rc), (lb, rb) = dimension_numbers
-  if v_is_lhs:
-    vc, xc, vb, xb = lc, rc, lb, rb
-  else:
-    xc, vc, xb, vb = lc, rc, lb, rb
-  x_labels: list[Label] = [new_label() for _ in range(x.ndim)]
-  for xi, vi in zip(xc, vc):
-    x_labels[xi] = v.labels[vi]
-  for xi, vi in zip(xb, vb):
-    x_labels[xi] = v.labels[vi]
-  batch = [v.labels[i] for i in vb]
-  x_free = [x_labels[i] for i in range(x.ndim) if i not in xc and i not in xb]
-  v_free = [v.labels[i] for i in range(len(v.labels)) if i not in vc and i not in vb]
-  out_labels = batch + (v_free + x_free if v_is_lhs else x_free + v_free)
-  contracted = frozenset(v.labels[i] for i in vc)
-  first = _orientation(v, contracted, "contracted")
-  spec = v.source.spec
-  xin = _dropout(x, spec.dropout, key).astype(v.a.dtype)
-  if first == "a":
-    f1, l1, f2, l2 = v.a, v.a_labels, v.b, v.b_labels
-  else:
-    f1, l1, f2, l2 = v.b, v.b_labels, v.a, v.a_labels
-  keep = set(out_labels) | set(l2)
-  t_labels = []
-  for l in list(x_labels) + list(l1):
-    if l in keep and l not in t_labels:
-      t_labels.append(l)
-  L = _Letters()
-  t = jnp.einsum(f"{L(x_labels)},{L(l1)}->{L(t_labels)}", xin, f1, precision=precision)
-  t = t * jnp.asarray(spec.scale, t.dtype)
-  y = jnp.einsum(f"{L(t_labels)},{L(l2)}->{L(out_labels)}", t, f2, precision=precision)
-  return y.astype(out_dtype)
-
-
-def conv(v: LowRank, x, *, params: dict, out_dtype, key):
-  """Low-rank part of a convolution: a conv to ``rank`` channels, then a 1x1 projection."""
-  if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
-    raise Unsupported("grouped convolutions (feature_group_count/batch_group_count > 1)")
-  dn = params["dimension_numbers"]
-  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-  out_label = v.labels[rhs_spec[0]]
-  contracted = frozenset(l for i, l in enumerate(v.labels) if i != rhs_spec[0])
-  first = _orientation(v, contracted, "convolved")
-  if first != "a" or v.shared or set(v.b_labels) != {RANK, out_label}:
-    raise Unsupported("a convolution whose output-feature axis is not B's only axis")
-  spec = v.source.spec
-  perm = [v.a_labels.index(RANK if l == out_label else l) for l in v.labels]
-  a_view = jnp.transpose(v.a, perm)
-  xin = _dropout(x, spec.dropout, key).astype(v.a.dtype)
-  conv_params = dict(params)
-  conv_params["preferred_element_type"] = None
-  t = lax.conv_general_dilated_p.bind(xin, a_view, **conv_params)
-  c = out_spec[1]
-  t = t * jnp.asarray(spec.scale, t.dtype)
-  b = jnp.transpose(v.b, [v.b_labels.index(RANK), v.b_labels.index(out_label)])
-  y = jnp.moveaxis(jnp.tensordot(t, b, axes=[[c], [0]], precision=params.get("precision")), -1, c)
-  return y.astype(out_dtype)
-
-
-def gather(v: LowRank, indices, *, params: dict, out_dtype):
-  """Low-rank part of an embedding lookup: gather rows of one factor, then project."""
-  dn = params["dimension_numbers"]
-  if dn.operand_batching_dims or dn.start_indices_batching_dims:
-    raise Unsupported("a batched gather")
-  slice_sizes = params["slice_sizes"]
-  shape = tuple(v.base.shape)
-  indexed = [v.labels[d] for d in dn.start_index_map]
-  if not set(dn.collapsed_slice_dims) <= set(dn.start_index_map):
-    raise Unsupported("a gather collapsing an axis it does not index")
-  for d in range(len(shape)):
-    if d not in dn.start_index_map and slice_sizes[d] != shape[d]:
-      raise Unsupported("a gather taking a partial slice of a non-indexed axis")
-  spec = v.source.spec
-  c = frozenset(l for l in indexed if l.axes)
-  a_only = frozenset(l for l in v.a_only if l.axes)
-  b_only = frozenset(l for l in v.b_only if l.axes)
-  if c and c <= a_only:
-    f, fl, g, gl = v.a, v.a_labels, v.b, v.b_labels
-  elif c and c <= b_only and spec.layout.embedding:
-    f, fl, g, gl = v.b, v.b_labels, v.a, v.a_labels
-  else:
-    raise OrientationError(
-        f"{v.path!r} is looked up (gathered) along kernel axes {tuple(sorted(_prov(c)))}, but "
-        f"its adapter's input axes are {spec.in_axes}. Give the rule "
-        "layout=jlora.KernelLayout(in_axes=<the looked-up axes>, embedding=True) or use "
-        "jlora.infer_layout."
-    )
-  collapsed = [v.labels[d] for d in dn.collapsed_slice_dims]
-  nb = indices.ndim - 1
-  kept = [l for l in fl if l not in collapsed]
-  new_dn = lax.GatherDimensionNumbers(
-      offset_dims=tuple(range(nb, nb + len(kept))),
-      collapsed_slice_dims=tuple(sorted(fl.index(l) for l in collapsed)),
-      start_index_map=tuple(fl.index(l) for l in indexed),
-  )
-  sizes = tuple(
-      slice_sizes[v.labels.index(l)] if l in indexed else f.shape[k] for k, l in enumerate(fl)
-  )
-  fg = lax.gather(f, indices, new_dn, sizes, indices_are_sorted=params["indices_are_sorted"],
-                  unique_indices=params["unique_indices"], mode=params["mode"],
-                  fill_value=params["fill_value"])
-  idx_labels = [new_label() for _ in range(nb)]
-  fg_labels = idx_labels + kept
-  # Output layout of the original gather: offset dims carry the non-collapsed value axes.
-  v_kept = [l for l in v.labels if l not in collapsed]
-  out_labels: list[Label] = []
-  it_idx, it_off = iter(idx_labels), iter(v_kept)
-  for d in range(nb + len(v_kept)):
-    out_labels.append(next(it_off) if d in dn.offset_dims else next(it_idx))
-  L = _Letters()
-  fg = fg * jnp.asarray(spec.scale, fg.dtype)
-  y = jnp.einsum(f"{L(fg_labels)},{L(gl)}->{L(out_labels)}", fg, g)
-  return y.astype(out_dtype)
-
-
 def is_unit_broadcast(operand_shape, shape, broadcast_dimensions) -> bool:
   """True when ``broadcast_in_dim`` only inserts size-1 axes (a reshape in disguise)."""
   bd = list(broadcast_dimensions)
@@ -492,6 +339,7 @@ def is_unit_broadcast(operand_shape, shape, broadcast_dimensions) -> bool:
 
 
 def provenance(labels) -> tuple[int, ...]:
-  return tuple(sorted(_prov(labels)))
+  return tuple(sorted(prov(labels)))
+
 
 

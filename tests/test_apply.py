@@ -23,15 +23,17 @@ def _check(f, params, cfg, *args, layout_fn=None, **kwargs):
   layout = None
   if layout_fn is not None:
     layout = jlora.infer_layout(layout_fn, params, *args, **kwargs)
-  lp = jlora.init(jax.random.key(1), params, cfg, layout=layout)
-  wrapped = jax.jit(jlora.wrap(f))
+  lp0 = jlora.init(jax.random.key(1), params, cfg, layout=layout)
+  lp = randomize(lp0, jax.random.key(2))
   base = jax.jit(f)(params, *args, **kwargs)
-  np.testing.assert_array_equal(np.asarray(wrapped(lp, *args, **kwargs)), np.asarray(base))
-  lp = randomize(lp, jax.random.key(2))
-  got = wrapped(lp, *args, **kwargs)
   want = jax.jit(f)(oracle_params(lp), *args, **kwargs)
-  assert not np.allclose(np.asarray(got), np.asarray(base), atol=1e-3), "adapter had no effect"
-  assert_close(got, want, **F32)
+  # Both lowerings of the rank expansion: plain matmuls, and fused multiply-adds.
+  for fused in (False, True):
+    wrapped = jax.jit(jlora.wrap(f, fused_expansion=fused))
+    np.testing.assert_array_equal(np.asarray(wrapped(lp0, *args, **kwargs)), np.asarray(base))
+    got = wrapped(lp, *args, **kwargs)
+    assert not np.allclose(np.asarray(got), np.asarray(base), atol=1e-3), "adapter had no effect"
+    assert_close(got, want, **F32)
   return lp
 
 
@@ -224,25 +226,35 @@ def test_remat_and_checkpoint():
   f, p = linen(Net(), jnp.ones((2, 8)))
   x = jax.random.normal(KEY, (2, 8))
   lp = _check(f, p, jlora.LoraConfig(rank=2, targets=".*kernel"), x)
-  # Gradients through the remat'd low-rank path also match the oracle.
-  loss = lambda p: jnp.sum(jlora.wrap(f)(p, x) ** 2)
-  g = jax.jit(jax.grad(loss))(lp)
-  eps_dir = jax.tree.map(lambda t: t, g)
-  assert all(np.isfinite(np.asarray(t)).all() for t in jax.tree.leaves(eps_dir))
+  # Gradients through the remat'd low-rank path match those of the dense oracle.
+  w = lp["CheckpointBlock_0"]["Dense_0"]["kernel"]
+
+  def loss(a, dense):
+    if dense:
+      k = {**lp["CheckpointBlock_0"]["Dense_0"], "kernel": w.w0 + w.spec.scale * a @ w.b}
+      return jnp.sum(f({**oracle_params(lp), "CheckpointBlock_0": {"Dense_0": k}}, x) ** 2)
+    k = {**lp["CheckpointBlock_0"]["Dense_0"], "kernel": w.replace(a=a)}
+    return jnp.sum(jlora.wrap(f)({**lp, "CheckpointBlock_0": {"Dense_0": k}}, x) ** 2)
+
+  g = jax.jit(jax.grad(loss), static_argnums=1)
+  assert_close(g(w.a, False), g(w.a, True), rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_match_dense_oracle():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradients_match_dense_oracle(fused):
   f, p = linen(nn.Dense(6), jnp.ones((3, 8)))
   x = jax.random.normal(KEY, (3, 8))
   lp = randomize(jlora.init(KEY, p, jlora.LoraConfig(rank=2, targets="kernel")), KEY)
   w = lp["kernel"]
 
   def lora_loss(a, b):
-    return jnp.sum(jnp.sin(jlora.wrap(f)(jax.tree.map(lambda t: t, {**lp, "kernel": w.replace(a=a, b=b)}), x)))
+    wrapped = jlora.wrap(lambda p, x: f(p, x) * jnp.tanh(f(p, x)), fused_expansion=fused)
+    return jnp.sum(jnp.sin(wrapped({**lp, "kernel": w.replace(a=a, b=b)}, x)))
 
   def dense_loss(a, b):
     k = w.w0 + w.spec.scale * a @ b
-    return jnp.sum(jnp.sin(f({**lp, "kernel": k}, x)))
+    y = f({**lp, "kernel": k}, x)
+    return jnp.sum(jnp.sin(y * jnp.tanh(y)))
 
   ga = jax.jit(jax.grad(lora_loss, argnums=(0, 1)))(w.a, w.b)
   gd = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(w.a, w.b)
@@ -376,14 +388,15 @@ def _shapes_produced(jaxpr) -> set:
   return out
 
 
-def test_dense_kernel_is_never_built_forward_or_backward():
+@pytest.mark.parametrize("fused", [False, True])
+def test_dense_kernel_is_never_built_forward_or_backward(fused):
   params = {"w": jax.random.normal(KEY, (37, 23))}
   f = lambda p, x: jnp.tanh(x @ p["w"])
   lp = randomize(jlora.init(KEY, params, jlora.LoraConfig(rank=2, targets="w")), KEY)
   x = jnp.ones((5, 37))
   adapters, frozen = jlora.split(lp)
-  loss = lambda a, fr: jnp.sum(jlora.wrap(f)(jlora.combine(a, fr), x))
-  fwd = jax.make_jaxpr(jlora.wrap(f))(lp, x).jaxpr
+  loss = lambda a, fr: jnp.sum(jlora.wrap(f, fused_expansion=fused)(jlora.combine(a, fr), x))
+  fwd = jax.make_jaxpr(jlora.wrap(f, fused_expansion=fused))(lp, x).jaxpr
   bwd = jax.make_jaxpr(jax.grad(loss))(adapters, frozen).jaxpr
   assert (37, 23) not in _shapes_produced(fwd)
   assert (37, 23) not in _shapes_produced(bwd)
@@ -393,3 +406,15 @@ def test_dense_kernel_is_never_built_forward_or_backward():
   assert (37, 23) in _shapes_produced(merged)
   full = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(f(p, x))))(params).jaxpr
   assert (37, 23) in _shapes_produced(full)
+
+
+def test_forward_mode_autodiff_with_unfused_expansion():
+  params = {"w": jax.random.normal(KEY, (8, 6))}
+  f = lambda p, x: jnp.tanh(x @ p["w"])
+  lp = randomize(jlora.init(KEY, params, jlora.LoraConfig(rank=2, targets="w")), KEY)
+  x, dx = jax.random.normal(KEY, (3, 8)), jnp.ones((3, 8))
+  _, t = jax.jvp(lambda x: jlora.wrap(f, fused_expansion=False)(lp, x), (x,), (dx,))
+  _, t_ref = jax.jvp(lambda x: f(oracle_params(lp), x), (x,), (dx,))
+  assert_close(t, t_ref, **F32)
+  with pytest.raises(ValueError, match="fused_expansion must be"):
+    jlora.wrap(f, fused_expansion="yes")

@@ -49,21 +49,35 @@ def jax_steps():
 
   cfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=rf".*/({'|'.join(ALL_LINEAR)})/kernel")
   lp = jlora.init(jax.random.key(1), params, cfg)
-  adapters, frozen = jlora.split(lp)
-  ltx = jlora.optimizer(tx, adapters)
-  wrapped = jlora.wrap(fwd)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def lora_step(adapters, opt_state, frozen, ids):
-    loss_fn = lambda a: causal_lm_loss(wrapped(jlora.combine(a, frozen), ids), ids)
-    loss, g = jax.value_and_grad(loss_fn)(adapters)
-    u, opt_state = ltx.update(g, opt_state, adapters)
-    return optax.apply_updates(adapters, u), opt_state, loss
+  def make_lora(fused):
+    adapters, frozen = jlora.split(jax.tree.map(jnp.copy, lp, is_leaf=lambda x: x is None))
+    ltx = jlora.optimizer(tx, adapters)
+    wrapped = jlora.wrap(fwd, fused_expansion=fused)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def lora_step(adapters, opt_state, frozen, ids):
+      loss_fn = lambda a: causal_lm_loss(wrapped(jlora.combine(a, frozen), ids), ids)
+      loss, g = jax.value_and_grad(loss_fn)(adapters)
+      u, opt_state = ltx.update(g, opt_state, adapters)
+      return optax.apply_updates(adapters, u), opt_state, loss
+
+    return lora_step, (adapters, ltx.init(adapters), frozen, ids)
+
+  # Reference: a backward pass that computes no weight gradient at all (only the
+  # layer-0 input-norm weight, so every activation gradient flows through every layer).
+  def no_weight_grad(params, ids):
+    def loss(w):
+      p = jax.tree.map(lambda t: t, params)
+      p["model"]["layers"]["0"]["input_layernorm"]["weight"] = w
+      return causal_lm_loss(fwd(p, ids), ids)
+    return jax.grad(loss)(params["model"]["layers"]["0"]["input_layernorm"]["weight"])
 
   full_params = jax.tree.map(jnp.copy, params)  # donated: must not alias the frozen base
   full_args = (full_params, tx.init(full_params), ids)
-  lora_args = (adapters, ltx.init(adapters), frozen, ids)
-  return model, (full_step, full_args), (lora_step, lora_args), jlora.count(lp)
+  steps = {"full": (full_step, full_args), "jlora": make_lora(None), "jlora_unfused": make_lora(False),
+           "no_weight_grad_backward": (jax.jit(no_weight_grad), (params, ids))}
+  return model, steps, jlora.count(lp)
 
 
 def qwix_steps(model, ids):
@@ -154,32 +168,26 @@ def main():
   ap.add_argument("--rounds", type=int, default=8)
   args = ap.parse_args()
 
-  model, (full_step, full_args), (lora_step, lora_args), counts = jax_steps()
+  model, steps, counts = jax_steps()
+  ids = steps["full"][1][2]
   result = {"config": {**LLAMA, "batch": BATCH, "seq": SEQ, "rank": RANK, "targets": ALL_LINEAR},
             "trainable": counts.trainable, "total": counts.total}
-  full_cost = xla_costs(full_step, full_args)
-  lora_cost = xla_costs(lora_step, lora_args)
-  result["xla"] = {"full": full_cost, "jlora": lora_cost,
-                   "jlora_flops_over_full": lora_cost["flops"] / full_cost["flops"],
-                   "jlora_temp_over_full": lora_cost["temp_bytes"] / full_cost["temp_bytes"]}
-  qwix_step = None
   try:
-    qwix_step, qwix_args = qwix_steps(model, full_args[2])
-    q = xla_costs(qwix_step, qwix_args)
-    result["xla"]["qwix"] = q
-    result["xla"]["qwix_flops_over_full"] = q["flops"] / full_cost["flops"]
-    result["xla"]["qwix_temp_over_full"] = q["temp_bytes"] / full_cost["temp_bytes"]
+    steps["qwix"] = qwix_steps(model, ids)
   except ImportError:
-    result["xla"]["qwix"] = "not installed (pip install qwix==0.1.8)"
+    result["qwix"] = "not installed (pip install qwix==0.1.8)"
+  xla = {name: xla_costs(step, a) for name, (step, a) in steps.items()}
+  for name in list(xla):
+    if name != "full":
+      xla[f"{name}_flops_over_full"] = xla[name]["flops"] / xla["full"]["flops"]
+      xla[f"{name}_temp_over_full"] = xla[name]["temp_bytes"] / xla["full"]["temp_bytes"]
+  result["xla"] = xla
   if not args.quick:
-    fns = {"full": runner(full_step, full_args), "jlora": runner(lora_step, lora_args)}
-    if qwix_step is not None:
-      fns["qwix"] = runner(qwix_step, qwix_args)
-    times = interleaved_times(fns, rounds=args.rounds)
+    timed = [k for k in ("full", "jlora", "jlora_unfused", "qwix") if k in steps]
+    times = interleaved_times({k: runner(*steps[k]) for k in timed}, rounds=args.rounds)
     wall = {f"{k}_s": median(v) for k, v in times.items()}
-    wall["jlora_over_full"] = median(times["jlora"]) / median(times["full"])
-    if "qwix" in times:
-      wall["qwix_over_full"] = median(times["qwix"]) / median(times["full"])
+    for k in timed[1:]:
+      wall[f"{k}_over_full"] = median(times[k]) / median(times["full"])
     result["wall_jax"] = wall
     try:
       result["wall_peft_torch"] = torch_times(args.rounds)

@@ -9,6 +9,11 @@ Example:
 
 from jlora._apply import infer_layout
 from jlora._apply import wrap
+from jlora._checkpoint import AdapterMismatchError
+from jlora._checkpoint import fingerprint
+from jlora._checkpoint import load_adapter
+from jlora._checkpoint import read_adapter_metadata
+from jlora._checkpoint import save_adapter
 from jlora._config import KernelLayout
 from jlora._config import LoraConfig
 from jlora._config import Rule
@@ -29,6 +34,7 @@ from jlora._weight import LoraWeight
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterMismatchError",
     "KernelLayout",
     "LoraApplyError",
     "LoraConfig",
@@ -38,11 +44,15 @@ __all__ = [
     "Rule",
     "combine",
     "count",
+    "fingerprint",
     "infer_layout",
     "init",
     "labels",
+    "load_adapter",
     "merge",
     "optimizer",
+    "read_adapter_metadata",
+    "save_adapter",
     "split",
     "trainable_mask",
     "unload",

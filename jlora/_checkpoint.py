@@ -1,0 +1,233 @@
+"""Adapter-only checkpoints (Orbax) that describe themselves and their base model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jlora._config import KernelLayout
+from jlora._tree import leaves_with_paths, path_str
+from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+
+FORMAT = "jlora-adapter/1"
+Params = Any
+
+
+class AdapterMismatchError(ValueError):
+  """An adapter does not fit the base parameters it is loaded onto."""
+
+
+def fingerprint(params: Params, *, samples: int = 1024) -> str:
+  """A short, fast fingerprint of a base model's weights.
+
+  Hashes every leaf's path, shape and dtype plus ``samples`` evenly strided
+  values, so different pretrained weights (or a different architecture) give a
+  different fingerprint without reading every byte of a large model. Adapters
+  are ignored: the fingerprint of ``jlora.init(...)`` output equals the base's.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> jlora.fingerprint({"w": jnp.ones((4, 4))}) == jlora.fingerprint({"w": jnp.ones((4, 4))})
+    True
+  """
+  h = hashlib.sha256()
+  base = jax.tree_util.tree_map(lambda x: x.w0 if is_lora_weight(x) else x, params, is_leaf=is_lora_weight)
+  for path, leaf in sorted(leaves_with_paths(base), key=lambda kv: kv[0]):
+    if not hasattr(leaf, "shape"):
+      continue
+    h.update(f"{path}|{tuple(leaf.shape)}|{np.dtype(leaf.dtype).name};".encode())
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      continue
+    flat = leaf.reshape(-1)
+    step = max(1, flat.shape[0] // samples)
+    sample = flat[::step][:samples]
+    if isinstance(sample, jax.Array) and not sample.is_fully_addressable:
+      from jax.experimental import multihost_utils
+
+      sample = multihost_utils.process_allgather(sample, tiled=True)
+    h.update(np.ascontiguousarray(np.asarray(sample, np.float32)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _spec_to_json(spec: LoraSpec) -> dict:
+  return {
+      "shape": list(spec.shape), "rank": spec.rank, "alpha": spec.alpha, "rslora": spec.rslora,
+      "dropout": spec.dropout, "scale": spec.scale,
+      "layout": {"in_axes": list(spec.layout.in_axes), "batch_axes": list(spec.layout.batch_axes),
+                 "embedding": spec.layout.embedding},
+  }
+
+
+def _spec_from_json(d: Mapping) -> LoraSpec:
+  lay = d["layout"]
+  return LoraSpec(
+      shape=tuple(d["shape"]), rank=int(d["rank"]), alpha=float(d["alpha"]), rslora=bool(d["rslora"]),
+      dropout=float(d.get("dropout", 0.0)),
+      layout=KernelLayout(in_axes=tuple(lay["in_axes"]), batch_axes=tuple(lay["batch_axes"]),
+                          embedding=bool(lay["embedding"])),
+  )
+
+
+def adapter_weights(params: Params) -> dict[str, LoraWeight]:
+  """``{path: LoraWeight}`` for every adapter in the tree, in tree order."""
+  return {p: x for p, x in leaves_with_paths(params, is_leaf=is_lora_weight) if is_lora_weight(x)}
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    parts = path.split("/")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = value
+  return out
+
+
+def adapter_state(params: Params) -> dict:
+  """The adapter factors as a nested dict ``{...: {"a": A, "b": B}}`` (what is saved)."""
+  weights = adapter_weights(params)
+  if not weights:
+    raise ValueError("the tree holds no LoraWeight; create adapters with jlora.init first.")
+  return _nest({p: {"a": w.a, "b": w.b} for p, w in weights.items()})
+
+
+def adapter_metadata(params: Params, *, base_model: str = "", base_fingerprint: str | None = None,
+                     extra: Mapping[str, Any] | None = None) -> dict:
+  """JSON metadata describing every adapter and the base it belongs to."""
+  weights = adapter_weights(params)
+  return {
+      "format": FORMAT,
+      "base_model": base_model,
+      "base_fingerprint": fingerprint(params) if base_fingerprint is None else base_fingerprint,
+      "adapters": {p: _spec_to_json(w.spec) for p, w in weights.items()},
+      **(dict(extra) if extra else {}),
+  }
+
+
+def verify_base(meta: Mapping[str, Any], params: Params, *, where: str) -> None:
+  """Raises ``AdapterMismatchError`` unless ``params`` is the base ``meta`` was saved for."""
+  want = meta.get("base_fingerprint")
+  got = fingerprint(params)
+  if want and want != got:
+    raise AdapterMismatchError(
+        f"{where}: this adapter was trained on base model {meta.get('base_model') or '?'!r} "
+        f"(weights fingerprint {want}), but the parameters it is being loaded onto have "
+        f"fingerprint {got}. Load the matching base model, or pass check_base=False if you "
+        "really mean to transplant it."
+    )
+
+
+def attach(params: Params, meta: Mapping[str, Any], state: Mapping[str, Any], *, where: str) -> Params:
+  """Builds a LoRA tree from base ``params`` and saved adapter ``state`` / ``meta``."""
+  specs = {p: _spec_from_json(d) for p, d in meta["adapters"].items()}
+  flat_state = {p: x for p, x in leaves_with_paths(state)}
+  found = set()
+
+  def replace(path, leaf):
+    p = path_str(path)
+    if p not in specs:
+      return leaf
+    spec = specs[p]
+    if is_lora_weight(leaf):
+      raise AdapterMismatchError(f"{where}: {p!r} already holds an adapter; load onto plain base params.")
+    if tuple(leaf.shape) != spec.shape:
+      raise AdapterMismatchError(
+          f"{where}: adapter {p!r} was made for a kernel of shape {spec.shape}, but the base "
+          f"parameter has shape {tuple(leaf.shape)}.")
+    found.add(p)
+    return LoraWeight(leaf, flat_state[f"{p}/a"], flat_state[f"{p}/b"], spec)
+
+  out = jax.tree_util.tree_map_with_path(replace, params)
+  missing = sorted(set(specs) - found)
+  if missing:
+    raise AdapterMismatchError(
+        f"{where}: the base parameters have no {missing[0]!r}"
+        + (f" (and {len(missing) - 1} more adapter paths)" if len(missing) > 1 else "")
+        + "; is this the right base model?")
+  return out
+
+
+def _abstract_state(meta: Mapping[str, Any]) -> dict:
+  flat = {}
+  for p, d in meta["adapters"].items():
+    spec = _spec_from_json(d)
+    dtype = np.dtype(d.get("dtype", "float32"))
+    flat[f"{p}/a"] = jax.ShapeDtypeStruct(spec.a_shape, dtype)
+    flat[f"{p}/b"] = jax.ShapeDtypeStruct(spec.b_shape, dtype)
+  return _nest(flat)
+
+
+def save_adapter(directory: str, params: Params, *, base_model: str = "",
+                 extra: Mapping[str, Any] | None = None) -> str:
+  """Saves only the adapters of ``params`` (Orbax) with self-describing metadata.
+
+  The metadata records, per adapter, its rank, alpha, scaling mode and layout,
+  and the base model's id and weights fingerprint, so that ``load_adapter``
+  can rebuild the tree and refuse a different base.
+
+  Args:
+    directory: target directory (created; overwritten if it exists).
+    params: a LoRA tree from ``jlora.init``.
+    base_model: an id for the base (a hub name or a path), stored as metadata.
+    extra: more JSON-serialisable metadata (e.g. the training config).
+
+  Returns:
+    The absolute path written.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, tempfile, os
+    >>> lp = jlora.init(jax.random.key(0), {"w": jnp.ones((4, 4))}, jlora.LoraConfig(rank=2, targets="w"))
+    >>> d = jlora.save_adapter(os.path.join(tempfile.mkdtemp(), "adapter"), lp, base_model="demo")
+    >>> jlora.load_adapter(d, {"w": jnp.ones((4, 4))})["w"].spec.rank
+    2
+  """
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  meta = adapter_metadata(params, base_model=base_model, extra=extra)
+  for p, w in adapter_weights(params).items():
+    meta["adapters"][p]["dtype"] = np.dtype(w.a.dtype).name
+  ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  ckpt.save(directory, args=ocp.args.Composite(
+      adapters=ocp.args.StandardSave(adapter_state(params)), meta=ocp.args.JsonSave(meta)), force=True)
+  return directory
+
+
+def read_adapter_metadata(directory: str) -> dict:
+  """The JSON metadata of a saved adapter (no arrays are read)."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no adapter checkpoint at {directory!r}")
+  ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  meta = ckpt.restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ValueError(f"{directory!r} is not a jlora adapter checkpoint (format {FORMAT!r}).")
+  return meta
+
+
+def load_adapter(directory: str, params: Params, *, check_base: bool = True) -> Params:
+  """Loads an adapter saved by ``save_adapter`` onto base ``params``.
+
+  Raises:
+    AdapterMismatchError: the base has a different fingerprint (unless
+      ``check_base=False``), lacks an adapted path, or has other shapes.
+  """
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  meta = read_adapter_metadata(directory)
+  if check_base:
+    verify_base(meta, params, where=f"jlora.load_adapter({directory!r})")
+  ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  state = ckpt.restore(directory, args=ocp.args.Composite(
+      adapters=ocp.args.StandardRestore(_abstract_state(meta)))).adapters
+  return attach(params, meta, state, where=f"jlora.load_adapter({directory!r})")
+

@@ -1,0 +1,313 @@
+"""The fine-tuning loop: jitted LoRA steps, eval, checkpoints, resume, preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+from jlora import _checkpoint as ck
+from jlora.finetune import data as data_lib
+from jlora.finetune import model as model_lib
+from jlora.finetune.checkpoint import TrainCheckpointer
+from jlora.finetune.config import TrainConfig
+from jlora.finetune.metrics import MetricsLog, plot_loss
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped, resumable"
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  if cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+  elif cfg.schedule == "linear":
+    after = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+  else:
+    after = optax.constant_schedule(cfg.lr)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup]) if warmup else after
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  parts.append(optax.adamw(sched, weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+def token_loss_fn(forward, *, remat: bool):
+  wrapped = jlora.wrap(forward)
+
+  def token_loss(adapters, frozen, mb, key):
+    logits = wrapped(jlora.combine(adapters, frozen), mb["ids"], mb["attention_mask"], lora_rng=key)
+    logits = logits[:, :-1].astype(jnp.float32)
+    mask = mb["loss_mask"][:, 1:]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["ids"][:, 1:])
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+  if remat:
+    token_loss = jax.checkpoint(token_loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return token_loss
+
+
+def make_train_step(forward, tx, *, remat: bool, use_dropout: bool):
+  token_loss = token_loss_fn(forward, remat=remat)
+
+  def step(adapters, opt_state, frozen, batch, key):
+    accum = batch["ids"].shape[0]
+    keys = jax.random.split(key, accum)
+
+    def micro(carry, xs):
+      g_acc, l_acc, n_acc = carry
+      mb, k = xs
+      (l, n), g = jax.value_and_grad(token_loss, has_aux=True)(adapters, frozen, mb, k if use_dropout else None)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, adapters)
+    (g, loss_sum, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, keys))
+    n = jnp.maximum(n, 1.0)
+    g = jax.tree.map(lambda x: x / n, g)
+    updates, opt_state = tx.update(g, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, loss_sum / n, optax.tree.norm(g)
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval(forward):
+  token_loss = token_loss_fn(forward, remat=False)
+
+  @jax.jit
+  def eval_batch(adapters, frozen, mb):
+    return token_loss(adapters, frozen, mb, None)
+
+  def evaluate(adapters, frozen, tokenized: data_lib.Tokenized, batch_size: int) -> float:
+    total = count = 0.0
+    for s in range(0, len(tokenized), batch_size):
+      sl = slice(s, s + batch_size)
+      mb = {"ids": tokenized.ids[sl], "loss_mask": tokenized.loss_mask[sl],
+            "attention_mask": tokenized.attention_mask[sl]}
+      short = batch_size - mb["ids"].shape[0]
+      if short:  # pad with rows that carry no loss, to keep one compiled shape
+        mb = {k: np.concatenate([v, np.zeros((short, v.shape[1]), v.dtype)]) for k, v in mb.items()}
+      l, n = eval_batch(adapters, frozen, mb)
+      total += float(l)
+      count += float(n)
+    return total / max(count, 1.0)
+
+  return evaluate
+
+
+def exact_match(loaded, params, records: list[data_lib.Record], *, chat_template: bool,
+                max_new_tokens: int) -> tuple[float, list[dict]]:
+  """Share of records whose greedy completion equals the reference (whitespace-stripped)."""
+  from jlora.generate import generate_ids
+
+  tok = loaded.tokenizer
+  prompts = []
+  for r in records:
+    ids, mask = data_lib.encode(tok, r, chat_template=chat_template)
+    prompts.append(ids[: mask.index(1)])
+  outs = generate_ids(loaded.model, params, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                      max_new_tokens=max_new_tokens)
+  rows = []
+  for r, o in zip(records, outs):
+    text = tok.decode(o, skip_special_tokens=True)
+    rows.append({"prompt": r.prompt, "target": r.completion, "output": text,
+                 "match": text.strip() == r.completion.strip()})
+  return float(np.mean([row["match"] for row in rows])), rows
+
+
+def _dir_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for f in files:
+      total += os.path.getsize(os.path.join(root, f))
+  return total
+
+
+class _Preemption:
+  """Turns SIGTERM (what TPU/Kubernetes preemption sends) into a flag checked between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if hasattr(signal, "SIGTERM"):
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
+  """Runs a fine-tuning job; returns the summary also written to output_dir/summary.json."""
+  from jlora.finetune import distributed
+
+  distributed.initialize(cfg)
+  main_process = jax.process_index() == 0
+  out = os.path.abspath(cfg.output_dir)
+  os.makedirs(out, exist_ok=True)
+  say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
+  t_start = time.time()
+
+  loaded = model_lib.load(cfg.model_dir, bf16=cfg.bf16, model_id=cfg.model or "jlora/tiny-base (bundled)")
+  tok = loaded.tokenizer
+  records, skipped = data_lib.load_records(cfg.data_path, skip_bad_lines=cfg.skip_bad_lines)
+  if skipped:
+    say(f"data: skipped {skipped} malformed lines of {cfg.data_path}")
+  if cfg.eval_path:
+    eval_records, _ = data_lib.load_records(cfg.eval_path, skip_bad_lines=cfg.skip_bad_lines)
+  else:
+    order = np.random.default_rng(cfg.seed).permutation(len(records))
+    n_eval = max(1, int(len(records) * cfg.eval_fraction))
+    eval_records = [records[i] for i in order[:n_eval]]
+    records = [records[i] for i in order[n_eval:]]
+  train_tok = data_lib.tokenize(records, tok, max_len=cfg.max_seq_len, pack=cfg.pack,
+                                chat_template=cfg.chat_template)
+  eval_tok = data_lib.tokenize(eval_records, tok, max_len=cfg.max_seq_len, chat_template=cfg.chat_template)
+  if train_tok.truncated:
+    say(f"data: {train_tok.truncated} training examples truncated to max_seq_len={cfg.max_seq_len}")
+
+  mesh, shard = distributed.make_mesh_and_shardings(cfg, loaded.params)
+  base_params = shard(loaded.params)
+  ex_ids, ex_mask = model_lib.example_inputs(tok)
+  layout = jlora.infer_layout(loaded.forward, base_params, ex_ids, ex_mask)
+  lora_cfg = jlora.LoraConfig(
+      rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.lora_dropout, init=cfg.init,
+      targets=model_lib.resolve_targets(cfg.targets, layout), exclude=cfg.exclude or ())
+  lora_params = distributed.init_adapters(jax.random.key(cfg.seed), base_params, lora_cfg, layout, mesh)
+  counts = jlora.count(lora_params)
+  say(f"model: {loaded.model_id} | {counts}")
+  adapters, frozen = jlora.split(lora_params)
+  del lora_params
+
+  batches = data_lib.Batches(train_tok, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                             seed=cfg.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  total = cfg.steps or max(1, int(round(cfg.epochs * batches.steps_per_epoch)))
+  tx = jlora.optimizer(make_optimizer(cfg, total), adapters)
+  opt_state = tx.init(adapters)
+  rng = jax.random.key(cfg.seed)
+  fp = ck.fingerprint(base_params)
+  meta = ck.adapter_metadata(adapters, base_model=loaded.model_id, base_fingerprint=fp, extra={
+      "base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
+      "train_config": cfg.to_dict()})
+  ckpt = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints, save_every=cfg.save_every)
+  start = 0
+  latest = ckpt.latest_step() if resume else None
+  if latest is not None:
+    adapters, opt_state, rng, _ = ckpt.restore(latest, base_params=base_params, adapters_template=adapters,
+                                               opt_state_template=opt_state, rng_template=rng)
+    start = latest
+    say(f"resumed from {ckpt.directory}/{latest} (step {latest} of {total})")
+
+  evaluate = make_eval(loaded.forward)
+  n_em = len(eval_records) if cfg.eval_exact_match == 0 else max(cfg.eval_exact_match, 0)
+  em_records = eval_records[:n_em]
+  baseline_path = os.path.join(out, "baseline.json")
+  if start == 0 or not os.path.exists(baseline_path):
+    before = {"eval_loss": evaluate(adapters, frozen, eval_tok, cfg.batch_size)}
+    if em_records:
+      before["exact_match"], _ = exact_match(loaded, distributed.gather(jlora.unload(jlora.combine(adapters, frozen))),
+                                             em_records, chat_template=cfg.chat_template,
+                                             max_new_tokens=cfg.max_new_tokens)
+    if main_process:
+      with open(baseline_path, "w") as f:
+        json.dump(before, f)
+  else:
+    with open(baseline_path) as f:
+      before = json.load(f)
+  say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+
+  step_fn = make_train_step(loaded.forward, tx, remat=cfg.remat, use_dropout=cfg.lora_dropout > 0)
+  log = MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main_process)
+  log.truncate_after(start)
+  bar = None
+  if cfg.progress and main_process:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc="lora", dynamic_ncols=True, file=sys.stdout)
+  tokens_since, t_last, last_eval = 0, time.time(), None
+  with _Preemption() as preempt:
+    for step in range(start, total):
+      batch = distributed.global_batch(batches.get(step), mesh)
+      tokens_since += int(batches.get(step)["attention_mask"].sum()) * jax.process_count()
+      adapters, opt_state, loss, gnorm = step_fn(adapters, opt_state, frozen, batch, jax.random.fold_in(rng, step))
+      done = step + 1
+      if done % cfg.log_every == 0 or done == total:
+        loss_v = float(loss)
+        dt = max(time.time() - t_last, 1e-9)
+        entry = {"step": done, "loss": loss_v, "grad_norm": float(gnorm), "tokens_per_s": tokens_since / dt}
+        if done % cfg.eval_every == 0 or done == total:
+          last_eval = evaluate(adapters, frozen, eval_tok, cfg.batch_size)
+          entry["eval_loss"] = last_eval
+        log.log(**entry)
+        if bar is not None:
+          bar.set_postfix(loss=f"{loss_v:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}",
+                          **({"eval": f"{last_eval:.4f}"} if last_eval is not None else {}))
+        tokens_since, t_last = 0, time.time()
+      if bar is not None:
+        bar.update(1)
+      ckpt.save(done, adapters=adapters, opt_state=opt_state, rng=rng, meta=meta,
+                force=preempt.requested or done == total)
+      if preempt.requested and done < total:
+        ckpt.wait()
+        if bar is not None:
+          bar.close()
+        say(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume.")
+        sys.exit(PREEMPTED_EXIT_CODE)
+  if bar is not None:
+    bar.close()
+  ckpt.wait()
+
+  lp = jlora.combine(adapters, frozen)
+  adapter_dir = os.path.join(out, "adapter")
+  host_lp = distributed.gather(lp)
+  if main_process:
+    jlora.save_adapter(adapter_dir, host_lp, base_model=loaded.model_id, extra={
+        "base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
+        "train_config": cfg.to_dict(), "step": total})
+  after = {"eval_loss": evaluate(adapters, frozen, eval_tok, cfg.batch_size)}
+  examples = []
+  if em_records:
+    after["exact_match"], examples = exact_match(loaded, jlora.merge(host_lp), em_records,
+                                                 chat_template=cfg.chat_template, max_new_tokens=cfg.max_new_tokens)
+  summary = {
+      "model": loaded.model_id, "data": cfg.data_path, "steps": total,
+      "trainable_params": counts.trainable, "total_params": counts.total,
+      "before": before, "after": after,
+      "adapter_dir": adapter_dir,
+      "adapter_checkpoint_bytes": _dir_bytes(adapter_dir) if main_process else None,
+      "base_model_bytes": model_lib.base_bytes(base_params),
+      "seconds": time.time() - t_start,
+  }
+  if main_process:
+    plot_loss(log.read(), os.path.join(out, "loss_curve.png"))
+    with open(os.path.join(out, "eval_examples.jsonl"), "w") as f:
+      for row in examples:
+        f.write(json.dumps(row) + "\n")
+    if cfg.save_merged:
+      merged_dir = os.path.join(out, "merged")
+      model_lib.save_pretrained(loaded, merged_dir, jlora.merge(host_lp))
+      summary["merged_dir"] = merged_dir
+    with open(os.path.join(out, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  say("after training:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+  if summary["adapter_checkpoint_bytes"]:
+    say(f"adapter checkpoint: {summary['adapter_checkpoint_bytes'] / 2**20:.2f} MiB vs base model "
+        f"{summary['base_model_bytes'] / 2**20:.2f} MiB "
+        f"({100 * summary['adapter_checkpoint_bytes'] / summary['base_model_bytes']:.1f}%)")
+  say(f"wrote {out} in {summary['seconds']:.0f}s")
+  return summary
+

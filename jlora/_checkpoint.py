@@ -143,7 +143,7 @@ def attach(params: Params, meta: Mapping[str, Any], state: Mapping[str, Any], *,
     found.add(p)
     return LoraWeight(leaf, flat_state[f"{p}/a"], flat_state[f"{p}/b"], spec)
 
-  out = jax.tree_util.tree_map_with_path(replace, params)
+  out = jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_lora_weight)
   missing = sorted(set(specs) - found)
   if missing:
     raise AdapterMismatchError(

@@ -111,13 +111,30 @@ def generate_text(loaded, params, prompts: Sequence[str], **kwargs) -> list[str]
   return [tok.decode(o, skip_special_tokens=True) for o in out]
 
 
+def _is_peft_dir(path: str) -> bool:
+  import os
+
+  return os.path.exists(os.path.join(path, "adapter_config.json"))
+
+
+def _load_any_adapter(path: str, loaded):
+  if not _is_peft_dir(path):
+    return jlora.load_adapter(path, loaded.params)
+  from jlora import peft as peft_lib
+
+  ids = jnp.zeros((1, 4), jnp.int32)
+  layout = jlora.infer_layout(loaded.forward, loaded.params, ids, jnp.ones_like(ids))
+  return peft_lib.load(path, loaded.params, model_type=loaded.model.config.model_type, layout=layout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   from jlora.finetune import model as model_lib
   from jlora.finetune.config import DEFAULT_MODEL
 
   ap = argparse.ArgumentParser(prog="python -m jlora.generate", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--adapter", action="append", default=[], help="adapter directory (repeatable)")
+  ap.add_argument("--adapter", action="append", default=[],
+                  help="adapter directory, jlora or Hugging Face PEFT format (repeatable)")
   ap.add_argument("--model", default="", help="base model directory (default: the adapter's base)")
   ap.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
   ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -127,10 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.prompt:
     ap.error("give at least one --prompt")
   model_dir = args.model
-  metas = [jlora.read_adapter_metadata(a) for a in args.adapter]
-  if not model_dir:
-    model_dir = metas[0].get("base_model_dir") or metas[0].get("base_model") if metas else DEFAULT_MODEL
-  loaded = model_lib.load(model_dir)
+  if not model_dir and args.adapter:
+    first = args.adapter[0]
+    if _is_peft_dir(first):
+      from jlora import peft as peft_lib
+
+      model_dir = peft_lib.read_config(first).get("base_model_name_or_path", "")
+    else:
+      meta = jlora.read_adapter_metadata(first)
+      model_dir = meta.get("base_model_dir") or meta.get("base_model", "")
+  loaded = model_lib.load(model_dir or DEFAULT_MODEL)
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
 
   def show(label: str, params: Any) -> None:
@@ -139,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   show("base", loaded.params)
   for path in args.adapter:
-    lp = jlora.load_adapter(path, loaded.params)  # same base arrays, new factors
+    lp = _load_any_adapter(path, loaded)  # same base arrays, new factors
     show(f"{path} (unmerged)", lp)
     show(f"{path} (merged)", jlora.merge(lp))
   return 0

@@ -130,6 +130,18 @@ def _dir_bytes(path: str) -> int:
   return total
 
 
+def _export_peft(directory: str, lora_params, loaded, base: str, say) -> str | None:
+  """The adapter in Hugging Face PEFT format too (for PyTorch PEFT / vLLM), when expressible."""
+  from jlora import peft as peft_lib
+
+  try:
+    return peft_lib.save(directory, lora_params, base_model_name_or_path=base,
+                           model_type=getattr(loaded.model.config, "model_type", None))
+  except (ValueError, peft_lib.PeftFormatError) as e:
+    say(f"PEFT export skipped: {e}")
+    return None
+
+
 class _Preemption:
   """Turns SIGTERM (what TPU/Kubernetes preemption sends) into a flag checked between steps."""
 
@@ -297,9 +309,15 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
     with open(os.path.join(out, "eval_examples.jsonl"), "w") as f:
       for row in examples:
         f.write(json.dumps(row) + "\n")
+    summary["peft_dir"] = _export_peft(os.path.join(out, "peft"), host_lp, loaded,
+                                       cfg.model or os.path.abspath(cfg.model_dir), say)
     if cfg.save_merged:
+      from jlora import hf as hf_lib
+
       merged_dir = os.path.join(out, "merged")
-      model_lib.save_pretrained(loaded, merged_dir, jlora.merge(host_lp))
+      merged = jlora.merge(host_lp)
+      model_lib.save_pretrained(loaded, merged_dir, merged)  # Flax weights
+      hf_lib.save_pretrained_torch(merged_dir, merged, loaded.model.config)  # + PyTorch safetensors
       summary["merged_dir"] = merged_dir
     with open(os.path.join(out, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

@@ -1,0 +1,16 @@
+"""Hugging Face PEFT LoRA format: export to and import from ``adapter_config.json`` +
+``adapter_model.safetensors``, verified against real PEFT in the tests.
+
+Example:
+  >>> import jlora.peft
+  >>> sorted(n for n in jlora.peft.__all__)
+  ['ModuleMap', 'PeftFormatError', 'load', 'read_config', 'save']
+"""
+
+from jlora.peft._format import PeftFormatError
+from jlora.peft._format import load
+from jlora.peft._format import read_config
+from jlora.peft._format import save
+from jlora.peft._mapping import ModuleMap
+
+__all__ = ["ModuleMap", "PeftFormatError", "load", "read_config", "save"]

@@ -43,9 +43,9 @@ def fingerprint(params: Params, *, samples: int = 1024) -> str:
     h.update(f"{path}|{tuple(leaf.shape)}|{np.dtype(leaf.dtype).name};".encode())
     if isinstance(leaf, jax.ShapeDtypeStruct):
       continue
-    flat = leaf.reshape(-1)
-    step = max(1, flat.shape[0] // samples)
-    sample = flat[::step][:samples]
+    # A strided grid of about `samples` elements (no flattening: cheap on sharded arrays).
+    per_axis = max(1, int(np.ceil(samples ** (1.0 / max(leaf.ndim, 1)))))
+    sample = leaf[tuple(slice(0, None, max(1, d // per_axis)) for d in leaf.shape)]
     if isinstance(sample, jax.Array) and not sample.is_fully_addressable:
       from jax.experimental import multihost_utils
 
@@ -153,13 +153,27 @@ def attach(params: Params, meta: Mapping[str, Any], state: Mapping[str, Any], *,
   return out
 
 
-def _abstract_state(meta: Mapping[str, Any]) -> dict:
+def _abstract_state(meta: Mapping[str, Any], params: Params = None) -> dict:
+  """Restore targets for the factors; sharded like their base kernels when those are sharded."""
+  from jax.sharding import NamedSharding
+
+  bases = dict(leaves_with_paths(params)) if params is not None else {}
   flat = {}
   for p, d in meta["adapters"].items():
     spec = _spec_from_json(d)
     dtype = np.dtype(d.get("dtype", "float32"))
-    flat[f"{p}/a"] = jax.ShapeDtypeStruct(spec.a_shape, dtype)
-    flat[f"{p}/b"] = jax.ShapeDtypeStruct(spec.b_shape, dtype)
+    base = bases.get(p)
+    base_sharding = getattr(base, "sharding", None)
+    if isinstance(base_sharding, NamedSharding):
+      from jlora.sharding import factor_specs
+
+      a_spec, b_spec = factor_specs(spec, base_sharding.spec)
+      sa, sb = NamedSharding(base_sharding.mesh, a_spec), NamedSharding(base_sharding.mesh, b_spec)
+    else:  # next to an unsharded base (whatever mesh the checkpoint was written from)
+      sa = sb = jax.sharding.SingleDeviceSharding(
+          next(iter(base_sharding.device_set)) if base_sharding is not None else jax.local_devices()[0])
+    flat[f"{p}/a"] = jax.ShapeDtypeStruct(spec.a_shape, dtype, sharding=sa)
+    flat[f"{p}/b"] = jax.ShapeDtypeStruct(spec.b_shape, dtype, sharding=sb)
   return _nest(flat)
 
 
@@ -216,6 +230,10 @@ def read_adapter_metadata(directory: str) -> dict:
 def load_adapter(directory: str, params: Params, *, check_base: bool = True) -> Params:
   """Loads an adapter saved by ``save_adapter`` onto base ``params``.
 
+  When the base kernels are sharded (``NamedSharding``), each factor is
+  restored directly onto the matching sharding (see ``jlora.sharding``), so an
+  adapter saved on one mesh loads onto another.
+
   Raises:
     AdapterMismatchError: the base has a different fingerprint (unless
       ``check_base=False``), lacks an adapted path, or has other shapes.
@@ -228,6 +246,6 @@ def load_adapter(directory: str, params: Params, *, check_base: bool = True) -> 
     verify_base(meta, params, where=f"jlora.load_adapter({directory!r})")
   ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   state = ckpt.restore(directory, args=ocp.args.Composite(
-      adapters=ocp.args.StandardRestore(_abstract_state(meta)))).adapters
+      adapters=ocp.args.StandardRestore(_abstract_state(meta, params)))).adapters
   return attach(params, meta, state, where=f"jlora.load_adapter({directory!r})")
 

@@ -156,30 +156,28 @@ class Batches:
     if self.steps_per_epoch == 0:
       raise DataError(f"{len(data)} training sequences are fewer than one batch "
                       f"(batch_size*grad_accum = {self.global_batch})")
-    if self.global_batch % process_count:
-      raise DataError(f"global batch {self.global_batch} does not split over {process_count} processes")
+    if batch_size % process_count:
+      raise DataError(f"batch_size {batch_size} does not split over {process_count} processes")
     self.process_index = process_index
     self.process_count = process_count
 
   def indices(self, step: int) -> np.ndarray:
+    """This process's rows of step ``step``: shape ``(grad_accum, batch_size // process_count)``.
+
+    Micro-batch ``m`` of the global batch is the same set of rows for any number
+    of processes; process ``p`` holds its ``p``-th contiguous part.
+    """
     epoch, i = divmod(step, self.steps_per_epoch)
     perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-    idx = perm[i * self.global_batch:(i + 1) * self.global_batch]
-    per = self.global_batch // self.process_count  # this process's slice of the global batch
-    return idx[self.process_index * per:(self.process_index + 1) * per]
+    idx = perm[i * self.global_batch:(i + 1) * self.global_batch].reshape(self.grad_accum, self.batch_size)
+    per = self.batch_size // self.process_count
+    return idx[:, self.process_index * per:(self.process_index + 1) * per]
 
   def get(self, step: int) -> dict[str, np.ndarray]:
-    """This process's part of step ``step``'s batch, shaped ``(grad_accum, per_micro, len)``."""
+    """This process's part of step ``step``'s batch, shaped ``(grad_accum, rows, max_len)``."""
     idx = self.indices(step)
-    shape = (self.grad_accum, -1, self.data.ids.shape[1])
     return {
-        "ids": self.data.ids[idx].reshape(shape),
-        "loss_mask": self.data.loss_mask[idx].reshape(shape),
-        "attention_mask": self.data.attention_mask[idx].reshape(shape),
+        "ids": self.data.ids[idx],
+        "loss_mask": self.data.loss_mask[idx],
+        "attention_mask": self.data.attention_mask[idx],
     }
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:  # pragma: no cover - convenience
-    step = 0
-    while True:
-      yield self.get(step)
-      step += 1

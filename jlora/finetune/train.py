@@ -231,9 +231,11 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   if start == 0 or not os.path.exists(baseline_path):
     before = {"eval_loss": evaluate(adapters, frozen, eval_tok, cfg.batch_size)}
     if em_records:
-      before["exact_match"], _ = exact_match(loaded, distributed.gather(jlora.unload(jlora.combine(adapters, frozen))),
-                                             em_records, chat_template=cfg.chat_template,
-                                             max_new_tokens=cfg.max_new_tokens)
+      host_base = distributed.gather(base_params)  # collective; generation runs on process 0 only
+      if main_process:
+        before["exact_match"], _ = exact_match(loaded, host_base, em_records, chat_template=cfg.chat_template,
+                                               max_new_tokens=cfg.max_new_tokens)
+      del host_base
     if main_process:
       with open(baseline_path, "w") as f:
         json.dump(before, f)
@@ -253,8 +255,9 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   tokens_since, t_last, last_eval = 0, time.time(), None
   with _Preemption() as preempt:
     for step in range(start, total):
-      batch = distributed.global_batch(batches.get(step), mesh)
-      tokens_since += int(batches.get(step)["attention_mask"].sum()) * jax.process_count()
+      local = batches.get(step)
+      batch = distributed.global_batch(local, mesh)
+      tokens_since += int(local["attention_mask"].sum()) * jax.process_count()
       adapters, opt_state, loss, gnorm = step_fn(adapters, opt_state, frozen, batch, jax.random.fold_in(rng, step))
       done = step + 1
       if done % cfg.log_every == 0 or done == total:
@@ -285,14 +288,14 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
 
   lp = jlora.combine(adapters, frozen)
   adapter_dir = os.path.join(out, "adapter")
-  host_lp = distributed.gather(lp)
-  if main_process:
-    jlora.save_adapter(adapter_dir, host_lp, base_model=loaded.model_id, extra={
-        "base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
-        "train_config": cfg.to_dict(), "step": total})
+  # Orbax writes collectively: every process calls this with the global (sharded) arrays.
+  jlora.save_adapter(adapter_dir, lp, base_model=loaded.model_id, extra={
+      "base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
+      "train_config": cfg.to_dict(), "step": total})
   after = {"eval_loss": evaluate(adapters, frozen, eval_tok, cfg.batch_size)}
+  host_lp = distributed.gather(lp)  # collective; what follows is process 0's
   examples = []
-  if em_records:
+  if em_records and main_process:
     after["exact_match"], examples = exact_match(loaded, jlora.merge(host_lp), em_records,
                                                  chat_template=cfg.chat_template, max_new_tokens=cfg.max_new_tokens)
   summary = {

@@ -109,11 +109,14 @@ def test_batches_are_deterministic_and_cover_each_epoch():
   assert b.steps_per_epoch == 2
   assert b.get(1)["ids"].shape == (2, 2, 4)
   np.testing.assert_array_equal(b.indices(3), data_lib.Batches(t, batch_size=2, grad_accum=2, seed=3).indices(3))
-  epoch0 = np.concatenate([b.indices(0), b.indices(1)])
+  epoch0 = np.concatenate([b.indices(0), b.indices(1)]).reshape(-1)
   assert len(set(epoch0.tolist())) == 8
   assert not np.array_equal(b.indices(0), b.indices(2))  # reshuffled next epoch
+  # Two processes hold the two halves of every micro-batch of the one-process batch.
   halves = [data_lib.Batches(t, batch_size=2, grad_accum=2, seed=3, process_index=i, process_count=2).indices(5)
             for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate(halves), b.indices(5))
+  np.testing.assert_array_equal(np.concatenate(halves, axis=1), b.indices(5))
+  with pytest.raises(data_lib.DataError, match="batch_size 3 does not split over 2 processes"):
+    data_lib.Batches(t, batch_size=3, grad_accum=1, seed=0, process_count=2)
   with pytest.raises(data_lib.DataError, match="fewer than one batch"):
     data_lib.Batches(t, batch_size=8, grad_accum=2, seed=0)

@@ -1,0 +1,276 @@
+"""Sharding: adapter specs derived from their base kernels, base-model presets, meshes.
+
+Everything here is a pure function over ``PartitionSpec`` / ``NamedSharding``
+trees, for use with ``jax.jit(in_shardings=..., out_shardings=...)``; JAX's own
+runtime (a global ``Mesh``, ``jax.distributed``) does the rest.
+
+Adapter rule ("derive", the default): for a kernel with spec ``P(s_0, ..., s_n)``,
+
+* ``A`` (``(*batch, *in, r)``) gets the specs of the batch and input axes and
+  ``None`` for the rank axis;
+* ``B`` (``(*batch, r, *out)``) gets the batch specs, ``None`` for rank, and the
+  specs of the output axes.
+
+So ``x·A`` needs the same collectives as ``x·W0`` and ``(x·A)·B`` produces an
+output sharded like ``x·W0``'s. ``"replicate"`` keeps adapters whole on every
+device (stacked axes keep their spec).
+
+Example:
+  >>> from jax.sharding import PartitionSpec as P
+  >>> import jlora, jlora.sharding
+  >>> spec = jlora.LoraSpec(shape=(64, 32), layout=jlora.KernelLayout(in_axes=(0,)), rank=4, alpha=8.0)
+  >>> jlora.sharding.factor_specs(spec, P("fsdp", "tensor"))
+  (PartitionSpec('fsdp', None), PartitionSpec(None, 'tensor'))
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jlora._tree import leaves_with_paths, path_str
+from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+
+Policy = Literal["derive", "replicate"]
+Rules = Sequence[tuple[str, P]]
+DATA_AXES = ("data", "fsdp")  # the batch is split over these mesh axes
+
+
+# -- adapters ---------------------------------------------------------------------------------
+
+
+def _padded(spec: P, ndim: int) -> tuple:
+  entries = tuple(spec)
+  if len(entries) > ndim:
+    raise ValueError(f"PartitionSpec {spec} has more entries than the kernel has axes ({ndim})")
+  return entries + (None,) * (ndim - len(entries))
+
+
+def factor_specs(spec: LoraSpec, kernel_spec: P, policy: Policy = "derive") -> tuple[P, P]:
+  """``(A spec, B spec)`` for an adapter whose base kernel has ``kernel_spec``."""
+  k = _padded(kernel_spec, len(spec.shape))
+  batch = tuple(k[i] for i in spec.batch_axes)
+  if policy == "replicate":
+    return P(*batch, *(None,) * (len(spec.in_axes) + 1)), P(*batch, *(None,) * (len(spec.out_axes) + 1))
+  if policy != "derive":
+    raise ValueError(f"policy must be 'derive' or 'replicate', got {policy!r}")
+  return P(*batch, *(k[i] for i in spec.in_axes), None), P(*batch, None, *(k[i] for i in spec.out_axes))
+
+
+def lora_specs(params: Any, base_specs: Any, policy: Policy = "derive") -> Any:
+  """PartitionSpecs for a LoRA tree, given the specs of its base (plain) parameter tree.
+
+  ``base_specs`` has the structure of the original params (one spec per leaf);
+  the result has the structure of ``params`` (``LoraWeight`` nodes get
+  ``LoraWeight(w0_spec, a_spec, b_spec)``; ``None`` halves from ``jlora.split``
+  stay ``None``).
+  """
+  flat_specs = {p: s for p, s in leaves_with_paths(base_specs, is_leaf=lambda x: isinstance(x, P))}
+
+  def spec_for(path, leaf):
+    p = path_str(path)
+    if p not in flat_specs:
+      raise ValueError(f"no PartitionSpec for {p!r} in base_specs")
+    s = flat_specs[p]
+    if is_lora_weight(leaf):
+      a, b = factor_specs(leaf.spec, s, policy)
+      return LoraWeight(None if leaf.w0 is None else s, None if leaf.a is None else a,
+                        None if leaf.b is None else b, leaf.spec)
+    return s
+
+  return jax.tree_util.tree_map_with_path(spec_for, params, is_leaf=is_lora_weight)
+
+
+def specs_of(params: Any) -> Any:
+  """The PartitionSpec of every (NamedSharding-placed) array of a plain tree; ``P()`` otherwise."""
+  def spec(x):
+    sh = getattr(x, "sharding", None)
+    return sh.spec if isinstance(sh, NamedSharding) else P()
+
+  base = jax.tree_util.tree_map(lambda x: x.w0 if is_lora_weight(x) else x, params, is_leaf=is_lora_weight)
+  return jax.tree.map(spec, base)
+
+
+def named(specs: Any, mesh: Mesh) -> Any:
+  """PartitionSpec tree -> NamedSharding tree."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+# -- base-model presets -----------------------------------------------------------------------
+
+# Column-parallel (output axis split) and row-parallel (input axis split) projections of
+# transformers' Flax LLMs. Flax nn.Dense kernels are (in, out); GPT-2's Conv1D kernels (out, in).
+_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query_key_value|fc1|c_fc_in)"
+_ROW = r"(o_proj|down_proj|dense|fc2|out_proj)"
+
+
+def preset_rules(name: str, mesh: Mesh | None = None) -> list[tuple[str, P]]:
+  """Ordered (regex, PartitionSpec) rules for transformers' Flax causal LMs.
+
+  Presets: ``"fsdp"`` (every matrix split along its first axis over ``fsdp``),
+  ``"tp"`` (Megatron column/row parallel over ``tensor``), ``"fsdp_tp"`` (both),
+  ``"replicated"``. 1-D parameters (norms, biases) are replicated.
+  """
+  del mesh
+  f, t = "fsdp", "tensor"
+  if name == "replicated":
+    return [(r".*", P())]
+  if name == "fsdp":
+    return [(r".*/(kernel|embedding)", P(f, None)), (r".*", P())]
+  if name not in ("tp", "fsdp_tp"):
+    raise ValueError(f"unknown sharding preset {name!r}: use fsdp, tp, fsdp_tp or replicated")
+  fs = f if name == "fsdp_tp" else None
+  return [
+      # GPT-2 Conv1D kernels, stored (out, in): c_attn/c_fc column-, c_proj row-parallel.
+      (r".*/(c_attn|c_fc)/kernel", P(t, fs)),
+      (r".*/c_proj/kernel", P(fs, t)),
+      (rf".*/{_COLUMN}/kernel", P(fs, t)),
+      (rf".*/{_ROW}/kernel", P(t, fs)),
+      (r".*/(lm_head|embed_out)/kernel", P(fs, t)),
+      (r".*/(embed_tokens|wte|wpe|word_embeddings)/embedding", P(t, fs)),
+      (r".*/(kernel|embedding)", P(fs, None)),
+      (r".*", P()),
+  ]
+
+
+def partition_specs(params: Any, rules: Rules, *, mesh: Mesh | None = None) -> Any:
+  """Applies ordered regex rules (fullmatch, first wins) to every parameter path.
+
+  Specs with more entries than a parameter has axes are trimmed to the
+  parameter's rank (so one rule covers kernels and, e.g., 1-D scales). With a
+  ``mesh``, axes whose size does not divide by the mesh axes are an error.
+
+  Raises:
+    ValueError: listing every parameter no rule matched, or a non-divisible axis.
+  """
+  compiled = [(re.compile(p), s) for p, s in rules]
+  unmatched = []
+  sizes = dict(mesh.shape) if mesh is not None else {}
+
+  def spec_for(path, leaf):
+    p = path_str(path)
+    for pat, s in compiled:
+      if pat.fullmatch(p):
+        ndim = len(getattr(leaf, "shape", ()))
+        entries = tuple(s)[:ndim]
+        for axis, entry in enumerate(entries):
+          names = entry if isinstance(entry, tuple) else (entry,)
+          n = int(np.prod([sizes.get(e, 1) for e in names if e is not None]))
+          if n > 1 and leaf.shape[axis] % n:
+            raise ValueError(
+                f"{p!r} (shape {tuple(leaf.shape)}): axis {axis} of size {leaf.shape[axis]} does not split "
+                f"over mesh axes {entry!r} ({n} devices); change the mesh or add an earlier rule for it.")
+        return P(*entries)
+    unmatched.append(p)
+    return P()
+
+  specs = jax.tree_util.tree_map_with_path(spec_for, params)
+  if unmatched:
+    raise ValueError(f"{len(unmatched)} parameters match no sharding rule: {unmatched[:20]}"
+                     + (" ..." if len(unmatched) > 20 else "") + "; add a rule such as ('.*', P()).")
+  return specs
+
+
+# -- meshes and placement -------------------------------------------------------------------------
+
+
+def make_mesh(shape: str | Mapping[str, int] | None = None, *, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ``("data", "fsdp", "tensor")`` mesh; ``"data=2,fsdp=4"`` style strings; missing axes are 1.
+
+  Default: every device on ``fsdp``. Axes are ``Auto`` (JAX 0.10's default is Explicit).
+  """
+  devices = list(devices or jax.devices())
+  if isinstance(shape, str) and shape:
+    sizes = {}
+    for part in shape.split(","):
+      k, _, v = part.partition("=")
+      if k.strip() not in ("data", "fsdp", "tensor") or not v.strip().isdigit():
+        raise ValueError(f"mesh {shape!r}: write it as data=N,fsdp=N,tensor=N")
+      sizes[k.strip()] = int(v)
+  elif isinstance(shape, Mapping):
+    sizes = dict(shape)
+  else:
+    sizes = {"fsdp": len(devices)}
+  dims = tuple(sizes.get(a, 1) for a in ("data", "fsdp", "tensor"))
+  if int(np.prod(dims)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(('data', 'fsdp', 'tensor'), dims))} needs {int(np.prod(dims))} devices, "
+                     f"there are {len(devices)}")
+  return jax.make_mesh(dims, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def put(params: Any, specs: Any, mesh: Mesh) -> Any:
+  """Places host arrays (the same on every process) onto the global mesh, shard by shard."""
+  def place(x, s):
+    sharding = NamedSharding(mesh, s)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(place, params, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def init_sharded(key: jax.Array, base_params: Any, config: Any, mesh: Mesh, *, layout=None,
+                 policy: Policy = "derive") -> Any:
+  """``jlora.init`` whose A and B are created directly with their sharding.
+
+  The factors come out of one jitted computation with ``out_shardings``, so
+  each device only ever holds its shard; the base arrays are attached as they
+  are (no copy).
+  """
+  from jlora._init import init
+  from jlora._partition import split
+
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
+
+  def make(k):
+    return split(init(k, shapes, config, layout=layout))[0]
+
+  abstract = jax.eval_shape(make, key)
+  out_specs = lora_specs(abstract, specs_of(base_params), policy)
+  adapters = jax.jit(make, out_shardings=named(out_specs, mesh))(key)
+  return attach_base(adapters, base_params)
+
+
+def attach_base(adapters: Any, base_params: Any) -> Any:
+  """Puts the base kernels under the adapters of an adapters-only tree (``split(...)[0]``)."""
+  weights = {p: w for p, w in leaves_with_paths(adapters, is_leaf=is_lora_weight) if is_lora_weight(w)}
+
+  def attach(path, leaf):
+    w = weights.get(path_str(path))
+    return leaf if w is None else w.replace(w0=leaf)
+
+  return jax.tree_util.tree_map_with_path(attach, base_params)
+
+
+def batch_from_process_local(local: Mapping[str, np.ndarray], mesh: Mesh, *, axis: int = 1) -> dict:
+  """Builds global batch arrays from each process's rows (split over ``data``/``fsdp``)."""
+  def one(x):
+    spec = [None] * x.ndim
+    spec[axis] = DATA_AXES
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(*spec)), np.asarray(x))
+
+  return {k: one(v) for k, v in local.items()}
+
+
+def collective_bytes(compiled: Any) -> dict[str, int]:
+  """Bytes produced by each collective kind in a compiled XLA program (from its HLO text)."""
+  text = compiled.as_text()
+  kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+  out = {k: 0 for k in kinds}
+  dtype_bytes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f64": 8, "s8": 1, "u8": 1, "pred": 1}
+  for line in text.splitlines():
+    m = re.search(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                  r"(-start)?\(", line)
+    if not m:
+      continue
+    for dt, dims in re.findall(r"(f32|bf16|f16|s32|u32|f64|s8|u8|pred)\[([\d,]*)\]", m.group(1)):
+      n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      out[m.group(2)] += n * dtype_bytes[dt]
+  return out

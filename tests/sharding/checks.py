@@ -1,0 +1,147 @@
+"""Sharding checks run in a subprocess with 8 fake CPU devices (see test_sharding.py).
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding/checks.py NAME [TMPDIR]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jlora
+import jlora.sharding as jsh
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from helpers import randomize  # noqa: E402
+
+
+def llama():
+  import transformers
+
+  cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=256, max_position_embeddings=32)
+  model = transformers.FlaxLlamaForCausalLM(cfg, seed=0)
+  return model, model.params, (lambda p, ids: model(ids, params=p).logits)
+
+
+TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
+
+
+def check_sharded_init(tmp):
+  assert jax.device_count() == 8
+  model, params, fwd = llama()
+  mesh = jsh.make_mesh("fsdp=2,tensor=4")
+  base = jsh.put(params, jsh.partition_specs(params, jsh.preset_rules("fsdp_tp"), mesh=mesh), mesh)
+  cfg = jlora.LoraConfig(rank=8, targets=TARGETS)
+  lp = jsh.init_sharded(jax.random.key(0), base, cfg, mesh)
+  q = lp["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+  o = lp["model"]["layers"]["0"]["self_attn"]["o_proj"]["kernel"]
+  # q_proj is column-parallel P(fsdp, tensor): A (in, r) -> P(fsdp, None), B (r, out) -> P(None, tensor).
+  assert q.w0.sharding.spec == P("fsdp", "tensor"), q.w0.sharding
+  assert q.a.sharding.spec == P("fsdp", None) and q.b.sharding.spec == P(None, "tensor")
+  assert o.a.sharding.spec == P("tensor", None) and o.b.sharding.spec == P(None, "fsdp")
+  assert q.a.addressable_shards[0].data.shape == (32, 8) and q.b.addressable_shards[0].data.shape == (8, 16)
+  assert q.w0 is base["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]  # base attached, not copied
+  # Same values as an unsharded init with the same key.
+  ref = jlora.init(jax.random.key(0), params, cfg)
+  np.testing.assert_array_equal(np.asarray(q.a), np.asarray(ref["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].a))
+  # The replicate policy.
+  a_spec, b_spec = jsh.factor_specs(q.spec, P("fsdp", "tensor"), "replicate")
+  assert a_spec == P(None, None) and b_spec == P(None, None)
+  # Every parameter needs a rule.
+  try:
+    jsh.partition_specs(params, [(r".*/kernel", P())])
+  except ValueError as e:
+    assert "match no sharding rule" in str(e) and "embed_tokens/embedding" in str(e)
+  else:
+    raise AssertionError("unmatched parameters were not reported")
+  try:
+    jsh.partition_specs({"w": jnp.ones((6, 4))}, [(r".*", P("tensor"))], mesh=jsh.make_mesh("tensor=8"))
+    raise AssertionError("non-divisible axis accepted")
+  except ValueError as e:
+    assert "does not split over mesh axes" in str(e), e
+
+
+def _train(lp, fwd, ids, steps=2):
+  adapters, frozen = jlora.split(lp)
+  tx = jlora.optimizer(optax.sgd(0.5), adapters)  # linear in the gradient: no Adam sign amplification
+  state = tx.init(adapters)
+  wrapped = jlora.wrap(fwd)
+
+  @jax.jit
+  def step(adapters, state, ids):
+    def loss(a):
+      logits = wrapped(jlora.combine(a, frozen), ids)
+      return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+    l, g = jax.value_and_grad(loss)(adapters)
+    u, state = tx.update(g, state, adapters)
+    return optax.apply_updates(adapters, u), state, l
+
+  for _ in range(steps):
+    adapters, state, l = step(adapters, state, ids)
+  return jlora.combine(adapters, frozen), float(l)
+
+
+def check_sharded_step_matches_single_device(tmp):
+  model, params, fwd = llama()
+  cfg = jlora.LoraConfig(rank=8, targets=TARGETS)
+  ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 256)
+  ref, ref_loss = _train(jlora.init(jax.random.key(0), params, cfg), fwd, ids)
+  for preset, shape in (("fsdp", "fsdp=8"), ("tp", "data=2,tensor=4"), ("fsdp_tp", "data=2,fsdp=2,tensor=2")):
+    mesh = jsh.make_mesh(shape)
+    base = jsh.put(params, jsh.partition_specs(params, jsh.preset_rules(preset), mesh=mesh), mesh)
+    lp = jsh.init_sharded(jax.random.key(0), base, cfg, mesh)
+    sids = jax.device_put(ids, NamedSharding(mesh, P(jsh.DATA_AXES, None)))
+    out, loss = _train(lp, fwd, sids)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for (pa, x), (pb, y) in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree_util.tree_leaves_with_path(ref)):
+      # Same math, sums split over devices in another order: float32 reassociation only.
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=f"{preset} {pa}")
+    w = out["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(w.a.sharding, NamedSharding) and w.a.sharding.mesh.shape == mesh.shape
+
+
+def check_sharded_merge(tmp):
+  model, params, fwd = llama()
+  mesh = jsh.make_mesh("fsdp=2,tensor=4")
+  specs = jsh.partition_specs(params, jsh.preset_rules("fsdp_tp"), mesh=mesh)
+  base = jsh.put(params, specs, mesh)
+  lp = randomize(jsh.init_sharded(jax.random.key(0), base, jlora.LoraConfig(rank=8, targets=TARGETS), mesh),
+                 jax.random.key(2), scale=0.1)
+  merged = jax.jit(jlora.merge, out_shardings=jsh.named(specs, mesh))(lp)
+  ref = jlora.merge(jax.device_get(lp))
+  for x, y, s in zip(jax.tree.leaves(merged), jax.tree.leaves(ref), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+    assert x.sharding.spec == s
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
+  ids = jnp.arange(32).reshape(2, 16) % 256
+  np.testing.assert_allclose(np.asarray(jax.jit(fwd)(merged, ids)), np.asarray(jax.jit(jlora.wrap(fwd))(lp, ids)),
+                             rtol=1e-4, atol=1e-4)
+
+
+def check_checkpoint_onto_other_mesh(tmp):
+  model, params, fwd = llama()
+  cfg = jlora.LoraConfig(rank=8, targets=TARGETS)
+  mesh_a = jsh.make_mesh("fsdp=2,tensor=4")
+  base_a = jsh.put(params, jsh.partition_specs(params, jsh.preset_rules("fsdp_tp"), mesh=mesh_a), mesh_a)
+  lp = randomize(jsh.init_sharded(jax.random.key(0), base_a, cfg, mesh_a), jax.random.key(3))
+  d = jlora.save_adapter(os.path.join(tmp, "adapter"), lp, base_model="tiny-llama")
+  mesh_b = jsh.make_mesh("data=2,fsdp=4")
+  base_b = jsh.put(params, jsh.partition_specs(params, jsh.preset_rules("fsdp"), mesh=mesh_b), mesh_b)
+  back = jlora.load_adapter(d, base_b)
+  q = back["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+  assert q.w0.sharding.spec == P("fsdp", None)
+  assert q.a.sharding.spec == P("fsdp", None) and q.b.sharding.spec == P(None, None)
+  assert q.a.sharding.mesh.shape == mesh_b.shape
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(lp)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+if __name__ == "__main__":
+  globals()[f"check_{sys.argv[1]}"](sys.argv[2] if len(sys.argv) > 2 else "/tmp")
+  print("OK")

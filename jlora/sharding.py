@@ -20,7 +20,7 @@ Example:
   >>> import jlora, jlora.sharding
   >>> spec = jlora.LoraSpec(shape=(64, 32), layout=jlora.KernelLayout(in_axes=(0,)), rank=4, alpha=8.0)
   >>> jlora.sharding.factor_specs(spec, P("fsdp", "tensor"))
-  (PartitionSpec('fsdp', None), PartitionSpec(None, 'tensor'))
+  (P('fsdp', None), P(None, 'tensor'))
 """
 
 from __future__ import annotations

@@ -214,7 +214,16 @@ def save_adapter(directory: str, params: Params, *, base_model: str = "",
 
 
 def read_adapter_metadata(directory: str) -> dict:
-  """The JSON metadata of a saved adapter (no arrays are read)."""
+  """The JSON metadata of a saved adapter (no arrays are read).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, tempfile, os
+    >>> lp = jlora.init(jax.random.key(0), {"w": jnp.ones((4, 4))}, jlora.LoraConfig(rank=2, targets="w"))
+    >>> d = jlora.save_adapter(os.path.join(tempfile.mkdtemp(), "a"), lp, base_model="demo")
+    >>> meta = jlora.read_adapter_metadata(d)
+    >>> meta["base_model"], meta["adapters"]["w"]["rank"]
+    ('demo', 2)
+  """
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
@@ -237,6 +246,19 @@ def load_adapter(directory: str, params: Params, *, check_base: bool = True) -> 
   Raises:
     AdapterMismatchError: the base has a different fingerprint (unless
       ``check_base=False``), lacks an adapted path, or has other shapes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, tempfile, os
+    >>> base = {"w": jnp.ones((4, 4))}
+    >>> lp = jlora.init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets="w"))
+    >>> d = jlora.save_adapter(os.path.join(tempfile.mkdtemp(), "a"), lp)
+    >>> jlora.load_adapter(d, base)["w"].b.shape
+    (2, 4)
+    >>> try:
+    ...   jlora.load_adapter(d, {"w": jnp.zeros((4, 4))})  # another base
+    ... except jlora.AdapterMismatchError as e:
+    ...   print(type(e).__name__)
+    AdapterMismatchError
   """
   import orbax.checkpoint as ocp
 

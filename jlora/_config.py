@@ -78,7 +78,9 @@ class KernelLayout:
       raise ValueError("KernelLayout: repeated axis in in_axes or batch_axes.")
 
   def out_axes(self, ndim: int) -> tuple[int, ...]:
-    used = set(self.normalized(ndim).in_axes) | set(self.normalized(ndim).batch_axes)
+    """The kernel axes B covers: every axis that is neither an input nor a batch axis."""
+    norm = self.normalized(ndim)
+    used = set(norm.in_axes) | set(norm.batch_axes)
     return tuple(i for i in range(ndim) if i not in used)
 
   def normalized(self, ndim: int) -> "KernelLayout":

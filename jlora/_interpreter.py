@@ -195,71 +195,82 @@ def _base_out(eqn, invals):
   return _bind(eqn, [x.base if _is_lr(x) else x for x in invals], ctx=False)
 
 
-@_rule(P.convert_element_type_p, P.copy_p, P.reduce_precision_p, P.sharding_constraint_p,
-       P.device_put_p)
-def _passthrough(interp, eqn, invals):
-  v, _ = _single(invals)
-  outs = _base_out(eqn, invals)
-  if len(outs) != 1:
-    raise Unsupported("")
-  return [v.with_base(outs[0])]
+def _structural(*prims):
+  """A rule for ops whose first operand is the LoRA kernel: the op runs on the base, then
+  ``update(v, eqn, out, rest)`` relabels / reshapes the factors (the other operands ``rest``
+  must not be LoRA kernels)."""
+
+  def deco(update):
+    def rule(interp, eqn, invals):
+      v, rest = _single(invals)
+      if any(_is_lr(x) for x in rest):
+        raise Unsupported("")
+      outs = _base_out(eqn, invals)
+      if len(outs) != 1:
+        raise Unsupported("")
+      return [update(v, eqn, outs[0], rest)]
+
+    return _rule(*prims)(rule)
+
+  return deco
 
 
-@_rule(P.transpose_p)
-def _transpose(interp, eqn, invals):
-  v, _ = _single(invals)
-  (out,) = _base_out(eqn, invals)
-  return [v.transpose(eqn.params["permutation"], out)]
+@_structural(P.convert_element_type_p, P.copy_p, P.reduce_precision_p, P.sharding_constraint_p,
+             P.device_put_p)
+def _passthrough(v, eqn, out, rest):
+  return v.with_base(out)
 
 
-@_rule(P.squeeze_p)
-def _squeeze(interp, eqn, invals):
-  v, _ = _single(invals)
-  (out,) = _base_out(eqn, invals)
-  return [v.reshape(out.shape, out)]
+@_structural(P.transpose_p)
+def _transpose(v, eqn, out, rest):
+  return v.transpose(eqn.params["permutation"], out)
 
 
-@_rule(P.reshape_p)
-def _reshape(interp, eqn, invals):
-  v, rest = _single(invals)
+@_structural(P.squeeze_p)
+def _squeeze(v, eqn, out, rest):
+  return v.reshape(out.shape, out)
+
+
+@_structural(P.reshape_p)
+def _reshape(v, eqn, out, rest):
   if rest or eqn.params.get("dimensions") is not None:
     raise Unsupported("a reshape with dynamic shapes or a dimension permutation")
-  (out,) = _base_out(eqn, invals)
-  return [v.reshape(out.shape, out)]
+  return v.reshape(out.shape, out)
 
 
-@_rule(P.broadcast_in_dim_p)
-def _broadcast(interp, eqn, invals):
-  v, rest = _single(invals)
-  if rest or not _lowrank.is_unit_broadcast(v.base.shape, eqn.params["shape"],
-                                            eqn.params["broadcast_dimensions"]):
+@_structural(P.broadcast_in_dim_p)
+def _broadcast(v, eqn, out, rest):
+  if rest or not _lowrank.is_unit_broadcast(v.base.shape, out.shape, eqn.params["broadcast_dimensions"]):
     raise Unsupported("a broadcast that tiles the kernel")
-  (out,) = _base_out(eqn, invals)
-  return [v.reshape(out.shape, out)]
+  return v.reshape(out.shape, out)
 
 
-@_rule(P.slice_p)
-def _slice(interp, eqn, invals):
-  v, _ = _single(invals)
-  (out,) = _base_out(eqn, invals)
+@_structural(P.slice_p)
+def _slice(v, eqn, out, rest):
   p = eqn.params
   strides = p["strides"] or (1,) * len(p["start_indices"])
   slices = {}
   for ax, (s, e, st) in enumerate(zip(p["start_indices"], p["limit_indices"], strides)):
     if (s, e, st) != (0, v.base.shape[ax], 1):
       slices[ax] = (s, out.shape[ax], st)
-  return [v.slice_axes(slices, out, dynamic=False)]
+  return v.slice_axes(slices, out, dynamic=False)
 
 
-@_rule(P.dynamic_slice_p)
-def _dynamic_slice(interp, eqn, invals):
-  v, starts = _single(invals)
-  if any(_is_lr(s) for s in starts):
-    raise Unsupported("")
-  (out,) = _base_out(eqn, invals)
+@_structural(P.dynamic_slice_p)
+def _dynamic_slice(v, eqn, out, starts):
   sizes = eqn.params["slice_sizes"]
   slices = {ax: (starts[ax], sizes[ax], 1) for ax in range(len(sizes)) if sizes[ax] != v.base.shape[ax]}
-  return [v.slice_axes(slices, out, dynamic=True)]
+  return v.slice_axes(slices, out, dynamic=True)
+
+
+@_structural(P.neg_p)
+def _neg(v, eqn, out, rest):
+  return v.scale_by(-1.0, out)
+
+
+@_structural(P.stop_gradient_p)
+def _stop_gradient(v, eqn, out, rest):
+  return v.map_factors(lax.stop_gradient, out)
 
 
 @_rule(P.mul_p, P.div_p)
@@ -276,20 +287,6 @@ def _scalar_mul(interp, eqn, invals):
   (out,) = _base_out(eqn, invals)
   factor = c if eqn.primitive is P.mul_p else 1.0 / jnp.asarray(c, jnp.float32)
   return [v.scale_by(factor, out)]
-
-
-@_rule(P.neg_p)
-def _neg(interp, eqn, invals):
-  v, _ = _single(invals)
-  (out,) = _base_out(eqn, invals)
-  return [v.scale_by(-1.0, out)]
-
-
-@_rule(P.stop_gradient_p)
-def _stop_gradient(interp, eqn, invals):
-  v, _ = _single(invals)
-  (out,) = _base_out(eqn, invals)
-  return [v.map_factors(lax.stop_gradient, out)]
 
 
 @_rule(P.dot_general_p)

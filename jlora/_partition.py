@@ -97,5 +97,12 @@ def labels(params: Params) -> Params:
 
 
 def trainable_mask(params: Params) -> Params:
-  """Boolean tree: ``True`` on adapter factors (for ``optax.masked`` and friends)."""
+  """Boolean tree: ``True`` on adapter factors (for ``optax.masked`` and friends).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> lp = jlora.init(jax.random.key(0), {"w": jnp.ones((4, 4))}, jlora.LoraConfig(rank=2, targets="w"))
+    >>> jax.tree.leaves(jlora.trainable_mask(lp))
+    [False, True, True]
+  """
   return jax.tree_util.tree_map(lambda l: l == "lora", labels(params))

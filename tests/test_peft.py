@@ -141,7 +141,7 @@ def test_import_peft_adapter_with_patterns(setup, tmp_path):
   arch, base_dir, loaded = setup
   names = ARCHS[arch]
   tm = torch_model(arch)
-  cfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=names["all"],
+  cfg = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=names["all"], fan_in_fan_out=arch == "gpt2",
                         rank_pattern={names["mlp"][0]: 2}, alpha_pattern={names["attn"][0]: 5})
   pm = peft.get_peft_model(tm, cfg)
   torch.manual_seed(1)

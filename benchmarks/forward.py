@@ -14,7 +14,6 @@ import argparse
 import warnings
 
 import jax
-import jax.numpy as jnp
 
 import jlora
 from _common import ALL_LINEAR, block, interleaved_times, median, write_result

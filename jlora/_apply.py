@@ -12,7 +12,7 @@ from jlora._config import KernelLayout
 from jlora._interpreter import Interpreter, LoraApplyError, OnUnsupported
 from jlora._lowrank import LowRank, Source
 from jlora._tree import is_array_like, path_str
-from jlora._weight import LoraWeight, is_lora_weight
+from jlora._weight import is_lora_weight
 
 
 def _trace(fn: Callable, args: tuple, kwargs: dict, *, is_kernel: Callable[[str, Any], bool]):

@@ -160,7 +160,7 @@ def conv(v: LowRank, x, *, params: dict, out_dtype, key):
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
     raise Unsupported("grouped convolutions (feature_group_count/batch_group_count > 1)")
   dn = params["dimension_numbers"]
-  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
   out_label = v.labels[rhs_spec[0]]
   contracted = frozenset(l for i, l in enumerate(v.labels) if i != rhs_spec[0])
   first = _orientation(v, contracted, "convolved")

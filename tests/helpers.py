@@ -32,7 +32,6 @@ def oracle_kernel(w: jlora.LoraWeight) -> np.ndarray:
   a = np.asarray(w.a, np.float64)
   b = np.asarray(w.b, np.float64)
   batch, ins, outs = spec.batch_axes, spec.in_axes, spec.out_axes
-  nb = len(batch)
   in_size = int(np.prod([spec.shape[i] for i in ins]))
   out_size = int(np.prod([spec.shape[i] for i in outs]))
   bsz = int(np.prod([spec.shape[i] for i in batch])) if batch else 1

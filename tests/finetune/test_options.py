@@ -6,8 +6,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
 
 import jlora
 from jlora.finetune import TrainConfig, run

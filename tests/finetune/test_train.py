@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -10,12 +9,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jlora
-from jlora.finetune import TrainConfig, run
 from jlora.finetune import model as model_lib
 from jlora.finetune.config import DEFAULT_MODEL
 

@@ -92,7 +92,8 @@ class TrainConfig:
   # Show a progress bar.
   progress: bool = True
   # -- multi-host (see docs/scale_out.md) --
-  # Coordinator "host:port" for jax.distributed.initialize; empty = single process (auto on TPU).
+  # Coordinator "host:port" for jax.distributed.initialize, or "auto" (Cloud TPU, SLURM, MPI,
+  # JAX_COORDINATOR_ADDRESS); empty = single process unless the environment is multi-host.
   coordinator: str = ""
   num_processes: int = 1
   process_id: int = 0

@@ -7,6 +7,7 @@ multi-process paths use JAX's own runtime (``jax.distributed``, a global
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -18,16 +19,28 @@ from jlora.finetune.config import TrainConfig
 _initialized = False
 
 
+def _multihost_tpu_env() -> bool:
+  hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+  return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
 def initialize(cfg: TrainConfig) -> None:
-  """``jax.distributed.initialize`` from the config (``coordinator="auto"`` on Cloud TPU)."""
+  """Calls ``jax.distributed.initialize`` when the run spans several processes.
+
+  ``--coordinator HOST:PORT`` (with ``--num-processes``/``--process-id``) is explicit;
+  ``--coordinator auto``, a ``JAX_COORDINATOR_ADDRESS`` environment variable, or a multi-host
+  Cloud TPU slice (``TPU_WORKER_HOSTNAMES`` lists several hosts) let JAX find its peers.
+  """
   global _initialized
-  if _initialized or not cfg.coordinator:
+  if _initialized:
     return
-  if cfg.coordinator == "auto":
-    jax.distributed.initialize()
-  else:
+  if cfg.coordinator and cfg.coordinator != "auto":
     jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
                                process_id=cfg.process_id)
+  elif cfg.coordinator == "auto" or os.environ.get("JAX_COORDINATOR_ADDRESS") or _multihost_tpu_env():
+    jax.distributed.initialize()
+  else:
+    return
   _initialized = True
 
 

@@ -25,6 +25,20 @@ def llama():
   return transformers.FlaxLlamaForCausalLM(cfg, seed=0)
 
 
+def mistral():
+  cfg = transformers.MistralConfig(
+      num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+      num_key_value_heads=2, vocab_size=97, max_position_embeddings=16, sliding_window=8)
+  return transformers.FlaxMistralForCausalLM(cfg, seed=0)
+
+
+def gemma():
+  cfg = transformers.GemmaConfig(
+      num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=8, vocab_size=97, max_position_embeddings=16)
+  return transformers.FlaxGemmaForCausalLM(cfg, seed=0)
+
+
 IDS = jnp.array([[5, 7, 11, 13, 2, 3], [1, 2, 3, 4, 5, 6]], jnp.int32)
 
 
@@ -39,6 +53,8 @@ def _apply_fn(model):
         (gpt2, r".*/(c_attn|c_proj|c_fc)/kernel", 8),
         (llama, r".*/(q_proj|v_proj)/kernel", 4),
         (llama, r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel", 14),
+        (mistral, r".*/(q_proj|v_proj|down_proj)/kernel", 6),
+        (gemma, r".*/(q_proj|o_proj|up_proj)/kernel|.*/embed_tokens/embedding", 7),
     ],
 )
 def test_peft_style_targets_match_dense_oracle(make, targets, expected):

@@ -15,7 +15,7 @@ from jlora._tree import is_array_like, path_str
 from jlora._weight import is_lora_weight
 
 
-def _trace(fn: Callable, args: tuple, kwargs: dict, *, is_kernel: Callable[[str, Any], bool]):
+def _trace(fn: Callable, args: tuple, kwargs: dict, *, is_kernel: Callable[[tuple, Any], bool]):
   """Traces ``fn(*args, **kwargs)`` to a jaxpr with array leaves as inputs.
 
   Returns the closed jaxpr, the dynamic input values, the positions (in the

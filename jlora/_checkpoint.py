@@ -178,7 +178,7 @@ def _abstract_state(meta: Mapping[str, Any], params: Params = None) -> dict:
 
 
 def save_adapter(directory: str, params: Params, *, base_model: str = "",
-                 extra: Mapping[str, Any] | None = None) -> str:
+                 extra: Mapping[str, Any] | None = None, base_fingerprint: str | None = None) -> str:
   """Saves only the adapters of ``params`` (Orbax) with self-describing metadata.
 
   The metadata records, per adapter, its rank, alpha, scaling mode and layout,
@@ -190,6 +190,7 @@ def save_adapter(directory: str, params: Params, *, base_model: str = "",
     params: a LoRA tree from ``jlora.init``.
     base_model: an id for the base (a hub name or a path), stored as metadata.
     extra: more JSON-serialisable metadata (e.g. the training config).
+    base_fingerprint: ``jlora.fingerprint`` of the base if already computed.
 
   Returns:
     The absolute path written.
@@ -204,7 +205,7 @@ def save_adapter(directory: str, params: Params, *, base_model: str = "",
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
-  meta = adapter_metadata(params, base_model=base_model, extra=extra)
+  meta = adapter_metadata(params, base_model=base_model, base_fingerprint=base_fingerprint, extra=extra)
   for p, w in adapter_weights(params).items():
     meta["adapters"][p]["dtype"] = np.dtype(w.a.dtype).name
   ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())

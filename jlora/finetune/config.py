@@ -58,6 +58,7 @@ class TrainConfig:
   # "default" (PEFT: A kaiming-uniform, B = 0) or "gaussian".
   init: str = "default"
   # -- optimisation --
+  # Peak learning rate (4e-3 suits the bundled tiny model; real LLMs: ~1e-4 to 5e-4).
   lr: float = 4e-3
   # "cosine", "linear" or "constant" after warmup.
   schedule: str = "cosine"
@@ -75,7 +76,8 @@ class TrainConfig:
   # -- compute --
   # Compute in bfloat16 and store the frozen base in bfloat16 (adapters stay float32).
   bf16: bool = False
-  # Rematerialise transformer blocks in the backward pass (less memory, more FLOPs).
+  # Recompute the forward pass's elementwise work in the backward pass, keeping only matmul
+  # outputs (jax.checkpoint, dots_with_no_batch_dims_saveable): less memory, more FLOPs.
   remat: bool = False
   seed: int = 0
   # -- bookkeeping --

@@ -212,9 +212,9 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   opt_state = tx.init(adapters)
   rng = jax.random.key(cfg.seed)
   fp = ck.fingerprint(base_params)
-  meta = ck.adapter_metadata(adapters, base_model=loaded.model_id, base_fingerprint=fp, extra={
-      "base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
-      "train_config": cfg.to_dict()})
+  run_info = {"base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
+              "train_config": cfg.to_dict()}
+  meta = ck.adapter_metadata(adapters, base_model=loaded.model_id, base_fingerprint=fp, extra=run_info)
   ckpt = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints, save_every=cfg.save_every)
   start = 0
   latest = ckpt.latest_step() if resume else None
@@ -289,9 +289,8 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   lp = jlora.combine(adapters, frozen)
   adapter_dir = os.path.join(out, "adapter")
   # Orbax writes collectively: every process calls this with the global (sharded) arrays.
-  jlora.save_adapter(adapter_dir, lp, base_model=loaded.model_id, extra={
-      "base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
-      "train_config": cfg.to_dict(), "step": total})
+  jlora.save_adapter(adapter_dir, lp, base_model=loaded.model_id, base_fingerprint=fp,
+                     extra={**run_info, "step": total})
   after = {"eval_loss": evaluate(adapters, frozen, eval_tok, cfg.batch_size)}
   host_lp = distributed.gather(lp)  # collective; what follows is process 0's
   examples = []

@@ -9,6 +9,7 @@ config, so a checkpoint is refused by a run on another base model.
 from __future__ import annotations
 
 import os
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp

@@ -28,6 +28,7 @@ from jlora._partition import combine
 from jlora._partition import labels
 from jlora._partition import split
 from jlora._partition import trainable_mask
+from jlora._variant import Variant
 from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
 
@@ -42,6 +43,7 @@ __all__ = [
     "LoraWeight",
     "ParamCount",
     "Rule",
+    "Variant",
     "combine",
     "count",
     "fingerprint",

@@ -10,6 +10,7 @@ import jax
 
 from jlora._config import KernelLayout
 from jlora._interpreter import Interpreter, LoraApplyError, OnUnsupported
+from jlora._lazy import is_lazy_node, lazy_of, placeholder
 from jlora._lowrank import LowRank, Source
 from jlora._tree import is_array_like, path_str
 from jlora._weight import is_lora_weight
@@ -22,7 +23,8 @@ def _trace(fn: Callable, args: tuple, kwargs: dict, *, is_kernel: Callable[[tupl
   dynamic inputs) of kernels selected by ``is_kernel`` with their paths and
   leaves, and a function that unflattens the outputs.
   """
-  flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora_weight)
+  is_node = lambda x: is_lora_weight(x) or is_lazy_node(x)
+  flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)
   leaves = [leaf for _, leaf in flat]
   dyn_pos, dyn_vals, kernels = [], [], []
   for i, (path, leaf) in enumerate(flat):
@@ -35,7 +37,11 @@ def _trace(fn: Callable, args: tuple, kwargs: dict, *, is_kernel: Callable[[tupl
         )
       kernels.append((len(dyn_vals), _arg_path(path), leaf))
       dyn_pos.append(i)
-      dyn_vals.append(leaf.w0)
+      dyn_vals.append(placeholder(leaf.w0) if is_lazy_node(leaf.w0) else leaf.w0)
+    elif is_lazy_node(leaf):  # a kernel stored in another form (e.g. 4-bit), without adapter
+      kernels.append((len(dyn_vals), _arg_path(path), leaf))
+      dyn_pos.append(i)
+      dyn_vals.append(placeholder(leaf))
     elif is_array_like(leaf) or isinstance(leaf, jax.core.Tracer):
       if is_kernel(path, leaf):
         kernels.append((len(dyn_vals), _arg_path(path), leaf))
@@ -72,9 +78,10 @@ def wrap(
 ) -> Callable:
   """Wraps ``fn`` so that it accepts trees holding ``jlora.LoraWeight`` kernels.
 
-  The wrapped function has ``fn``'s signature plus an optional keyword-only
-  ``lora_rng``: a PRNG key that turns on LoRA dropout (training); without it
-  dropout is off (inference). Every use of a LoRA kernel computes
+  The wrapped function has ``fn``'s signature plus optional keyword-only
+  ``lora_rng``: a PRNG key that turns on LoRA dropout (training; without it
+  dropout is off), and ``adapter_ids``: per-example adapter slots for trees
+  holding a bank of adapters (``jlora.stack``). Every use of a LoRA kernel computes
   ``x·W0 + scale·((x·A)·B)`` — the base result from the frozen kernel plus a
   separate low-rank path; the dense ``W0 + scale·B·A`` is never built.
 
@@ -113,14 +120,19 @@ def wrap(
     raise ValueError(f"jlora.wrap: fused_expansion must be None, True or False, got {fused_expansion!r}.")
 
   @functools.wraps(fn)
-  def wrapped(*args, lora_rng: jax.Array | None = None, **kwargs):
+  def wrapped(*args, lora_rng: jax.Array | None = None, adapter_ids: jax.Array | None = None, **kwargs):
     closed, dyn_vals, kernels, unflatten = _trace(fn, args, kwargs, is_kernel=lambda p, x: False)
     inputs = list(dyn_vals)
-    for index, (pos, path, weight) in enumerate(kernels):
-      inputs[pos] = LowRank.from_weight(weight, weight.w0, Source(path, weight.spec, index))
+    for index, (pos, path, node) in enumerate(kernels):
+      if is_lora_weight(node):
+        base = lazy_of(node.w0) if is_lazy_node(node.w0) else node.w0
+        inputs[pos] = LowRank.from_weight(node, base, Source(path, node.spec, index))
+      else:
+        inputs[pos] = LowRank.frozen(lazy_of(node), Source(path, None, index))
     fused = jax.default_backend() == "cpu" if fused_expansion is None else fused_expansion
+    context = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
     interp = Interpreter(mode="lora", on_unsupported=on_unsupported, rng=lora_rng, usages={},
-                         fused_expansion=fused)
+                         fused_expansion=fused, context=context)
     outs = interp.run(closed.jaxpr, closed.consts, inputs)
     return unflatten(interp.finish(outs))
 

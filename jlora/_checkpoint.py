@@ -12,6 +12,7 @@ import numpy as np
 
 from jlora._config import KernelLayout
 from jlora._tree import leaves_with_paths, path_str
+from jlora._variant import PLAIN, Variant
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
 
 FORMAT = "jlora-adapter/1"
@@ -55,12 +56,15 @@ def fingerprint(params: Params, *, samples: int = 1024) -> str:
 
 
 def _spec_to_json(spec: LoraSpec) -> dict:
-  return {
+  d = {
       "shape": list(spec.shape), "rank": spec.rank, "alpha": spec.alpha, "rslora": spec.rslora,
       "dropout": spec.dropout, "scale": spec.scale,
       "layout": {"in_axes": list(spec.layout.in_axes), "batch_axes": list(spec.layout.batch_axes),
                  "embedding": spec.layout.embedding},
   }
+  if spec.variant != PLAIN:
+    d["variant"] = spec.variant.to_json()
+  return d
 
 
 def _spec_from_json(d: Mapping) -> LoraSpec:
@@ -70,6 +74,7 @@ def _spec_from_json(d: Mapping) -> LoraSpec:
       dropout=float(d.get("dropout", 0.0)),
       layout=KernelLayout(in_axes=tuple(lay["in_axes"]), batch_axes=tuple(lay["batch_axes"]),
                           embedding=bool(lay["embedding"])),
+      variant=Variant.from_json(d.get("variant")),
   )
 
 
@@ -90,11 +95,15 @@ def _nest(flat: Mapping[str, Any]) -> dict:
 
 
 def adapter_state(params: Params) -> dict:
-  """The adapter factors as a nested dict ``{...: {"a": A, "b": B}}`` (what is saved)."""
+  """The adapter children as a nested dict ``{...: {"a": A, "b": B, ...}}`` (what is saved).
+
+  Everything but the frozen base ``w0`` is saved: the factors and a variant's own
+  children, trained or not.
+  """
   weights = adapter_weights(params)
   if not weights:
     raise ValueError("the tree holds no LoraWeight; create adapters with jlora.init first.")
-  return _nest({p: {"a": w.a, "b": w.b} for p, w in weights.items()})
+  return _nest({p: dict(w.factors) for p, w in weights.items()})
 
 
 def adapter_metadata(params: Params, *, base_model: str = "", base_fingerprint: str | None = None,
@@ -141,7 +150,8 @@ def attach(params: Params, meta: Mapping[str, Any], state: Mapping[str, Any], *,
           f"{where}: adapter {p!r} was made for a kernel of shape {spec.shape}, but the base "
           f"parameter has shape {tuple(leaf.shape)}.")
     found.add(p)
-    return LoraWeight(leaf, flat_state[f"{p}/a"], flat_state[f"{p}/b"], spec)
+    kids = {n: flat_state[f"{p}/{n}"] for n in spec.factor_axes}
+    return LoraWeight(leaf, kids.pop("a"), kids.pop("b"), spec, kids)
 
   out = jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_lora_weight)
   missing = sorted(set(specs) - found)
@@ -161,19 +171,21 @@ def _abstract_state(meta: Mapping[str, Any], params: Params = None) -> dict:
   flat = {}
   for p, d in meta["adapters"].items():
     spec = _spec_from_json(d)
-    dtype = np.dtype(d.get("dtype", "float32"))
+    dtypes = d.get("dtypes") or {}
     base = bases.get(p)
     base_sharding = getattr(base, "sharding", None)
     if isinstance(base_sharding, NamedSharding):
-      from jlora.sharding import factor_specs
+      from jlora.sharding import child_specs
 
-      a_spec, b_spec = factor_specs(spec, base_sharding.spec)
-      sa, sb = NamedSharding(base_sharding.mesh, a_spec), NamedSharding(base_sharding.mesh, b_spec)
+      shardings = {n: NamedSharding(base_sharding.mesh, s)
+                   for n, s in child_specs(spec, base_sharding.spec).items()}
     else:  # next to an unsharded base (whatever mesh the checkpoint was written from)
-      sa = sb = jax.sharding.SingleDeviceSharding(
+      single = jax.sharding.SingleDeviceSharding(
           next(iter(base_sharding.device_set)) if base_sharding is not None else jax.local_devices()[0])
-    flat[f"{p}/a"] = jax.ShapeDtypeStruct(spec.a_shape, dtype, sharding=sa)
-    flat[f"{p}/b"] = jax.ShapeDtypeStruct(spec.b_shape, dtype, sharding=sb)
+      shardings = {n: single for n in spec.factor_axes}
+    for name, shape in spec.factor_shapes.items():
+      dtype = np.dtype(dtypes.get(name, d.get("dtype", "float32")))
+      flat[f"{p}/{name}"] = jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name])
   return _nest(flat)
 
 
@@ -208,6 +220,7 @@ def save_adapter(directory: str, params: Params, *, base_model: str = "",
   meta = adapter_metadata(params, base_model=base_model, base_fingerprint=base_fingerprint, extra=extra)
   for p, w in adapter_weights(params).items():
     meta["adapters"][p]["dtype"] = np.dtype(w.a.dtype).name
+    meta["adapters"][p]["dtypes"] = {n: np.dtype(v.dtype).name for n, v in w.factors.items()}
   ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   ckpt.save(directory, args=ocp.args.Composite(
       adapters=ocp.args.StandardSave(adapter_state(params)), meta=ocp.args.JsonSave(meta)), force=True)

@@ -15,7 +15,9 @@ below full fine-tuning's and its time by ~25% (see ``benchmarks/``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +117,20 @@ def _fused_bwd(scale, labels, precision, res, dy):
 _fused_lowrank_term.defvjp(_fused_fwd, _fused_bwd)
 
 
-def dot_general(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out_dtype, key,
-                fused_expansion: bool):
-  """The scaled low-rank term of ``dot_general(x, v)`` (or ``(v, x)``)."""
+@dataclasses.dataclass(frozen=True)
+class DotPlan:
+  """How a ``dot_general`` consumes a LoRA kernel, in labels (see ``dot_plan``)."""
+
+  v_is_lhs: bool
+  x_labels: tuple  # labels of the layer input's axes (contracted/batch ones shared with the kernel)
+  out_labels: tuple  # labels of the result's axes
+  first: str  # the factor the input meets first: "a" (or "b" for a tied embedding used as output)
+  precision: Any
+  out_dtype: Any
+
+
+def dot_plan(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out_dtype) -> DotPlan:
+  """Labels the input and the result of ``dot_general(x, v)`` (or ``(v, x)``)."""
   (lc, rc), (lb, rb) = dimension_numbers
   if v_is_lhs:
     vc, xc, vb, xb = lc, rc, lb, rb
@@ -133,23 +146,48 @@ def dot_general(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, 
   v_free = [v.labels[i] for i in range(len(v.labels)) if i not in vc and i not in vb]
   out_labels = batch + (v_free + x_free if v_is_lhs else x_free + v_free)
   first = _orientation(v, frozenset(v.labels[i] for i in vc), "contracted")
-  spec = v.source.spec
-  xin = _dropout(x, spec.dropout, key).astype(v.a.dtype)
-  if first == "a":
-    f1, l1, f2, l2 = v.a, v.a_labels, v.b, v.b_labels
-  else:
-    f1, l1, f2, l2 = v.b, v.b_labels, v.a, v.a_labels
+  return DotPlan(v_is_lhs, tuple(x_labels), tuple(out_labels), first, precision, out_dtype)
+
+
+def lowrank_labels(x_labels, l1, l2, out_labels) -> tuple:
+  """``(x, f1, f2, t, out)`` labels of the two-step contraction ``(x·f1)·f2``."""
   keep = set(out_labels) | set(l2)
   t_labels: list[Label] = []
   for l in list(x_labels) + list(l1):
     if l in keep and l not in t_labels:
       t_labels.append(l)
-  labels = (tuple(x_labels), tuple(l1), tuple(l2), tuple(t_labels), tuple(out_labels))
-  if fused_expansion and spec.rank <= FUSED_EXPANSION_MAX_RANK:
-    y = _fused_lowrank_term(xin, f1, f2, spec.scale, labels, precision)
+  return tuple(x_labels), tuple(l1), tuple(l2), tuple(t_labels), tuple(out_labels)
+
+
+def two_step(x, f1, f2, *, labels, scale, precision, fused: bool):
+  """``scale · ((x·f1)·f2)`` with ``labels`` from ``lowrank_labels``; fused expansion if asked."""
+  if fused:
+    return _fused_lowrank_term(x, f1, f2, scale, labels, precision)
+  return _lowrank_term(x, f1, f2, scale=scale, labels=labels, precision=precision, fused=False)[0]
+
+
+def lora_input(ctx, v: LowRank, x):
+  """The layer input as the low-rank path sees it: LoRA dropout (training only), factor dtype."""
+  spec = v.source.spec
+  return _dropout(x, spec.dropout, ctx.next_key()).astype(v.a.dtype)
+
+
+def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None):
+  """The scaled low-rank term of a ``dot_general`` for factors ``a`` and ``b``.
+
+  ``factors`` optionally replaces ``(a, b)`` (same labels), e.g. a variant's
+  effective factors.
+  """
+  a, b = factors if factors is not None else (v.a, v.b)
+  xin = lora_input(ctx, v, x)
+  if plan.first == "a":
+    f1, l1, f2, l2 = a, v.a_labels, b, v.b_labels
   else:
-    y, _ = _lowrank_term(xin, f1, f2, scale=spec.scale, labels=labels, precision=precision, fused=False)
-  return y.astype(out_dtype)
+    f1, l1, f2, l2 = b, v.b_labels, a, v.a_labels
+  labels = lowrank_labels(plan.x_labels, l1, l2, plan.out_labels)
+  fused = ctx.fused_expansion and v.source.spec.rank <= FUSED_EXPANSION_MAX_RANK
+  y = two_step(xin, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused)
+  return y.astype(plan.out_dtype)
 
 
 # -- convolution and lookup --------------------------------------------------------------

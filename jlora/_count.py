@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jlora._lazy import is_lazy_node, lazy_of
 from jlora._weight import is_lora_weight
 
 
@@ -15,9 +16,9 @@ from jlora._weight import is_lora_weight
 class ParamCount:
   """Parameter counts of a LoRA tree (works on ``ShapeDtypeStruct`` trees too)."""
 
-  trainable: int  # elements of A and B
+  trainable: int  # elements of the trained adapter children (A, B, ...)
   frozen: int  # every other element (base kernels included)
-  adapter_bytes: int  # bytes of A and B
+  adapter_bytes: int  # bytes of every adapter child
   frozen_bytes: int
   num_adapters: int
 
@@ -38,7 +39,13 @@ class ParamCount:
 
 
 def _size_bytes(x) -> tuple[int, int]:
-  if x is None or not hasattr(x, "shape"):
+  """Elements and stored bytes; a lazy kernel (e.g. 4-bit) counts its dense elements, stored bytes."""
+  if x is None:
+    return 0, 0
+  if is_lazy_node(x):
+    n = int(np.prod(lazy_of(x).shape, dtype=np.int64))
+    return n, sum(_size_bytes(c)[1] for c in jax.tree_util.tree_leaves(x))
+  if not hasattr(x, "shape"):
     return 0, 0
   n = int(np.prod(x.shape, dtype=np.int64))
   return n, n * np.dtype(x.dtype).itemsize
@@ -55,17 +62,20 @@ def count(params: Any) -> ParamCount:
     (512, 4608)
   """
   trainable = frozen = abytes = fbytes = n = 0
-  for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_lora_weight):
+  for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: is_lora_weight(x) or is_lazy_node(x)):
     if is_lora_weight(leaf):
       n += 1
-      for f in (leaf.a, leaf.b):
+      for name, f in leaf.factors.items():
         e, b = _size_bytes(f)
-        trainable += e
         abytes += b
+        if leaf.trainable(name):
+          trainable += e
+        else:
+          frozen += e
       e, b = _size_bytes(leaf.w0)
       frozen += e
       fbytes += b
-    else:
+    else:  # plain leaves, and lazy (e.g. 4-bit) kernels without an adapter
       e, b = _size_bytes(leaf)
       frozen += e
       fbytes += b

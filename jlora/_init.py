@@ -12,7 +12,8 @@ import numpy as np
 from jlora._config import KernelLayout, LoraConfig
 from jlora._targets import Target, select_targets
 from jlora._tree import path_str
-from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+from jlora._lazy import is_lazy_node, placeholder
+from jlora._weight import LoraSpec, LoraWeight, is_node
 
 Params = Any
 
@@ -60,6 +61,8 @@ def _resolve_layout(
 
 
 def _check_leaf(path: str, leaf: Any, rule_index: int) -> tuple[tuple[int, ...], np.dtype]:
+  if is_lazy_node(leaf):  # e.g. a 4-bit kernel: its dense shape and compute dtype
+    leaf = placeholder(leaf)
   shape = tuple(getattr(leaf, "shape", ()))
   dtype = getattr(leaf, "dtype", None)
   if dtype is None or len(shape) < 2:
@@ -162,4 +165,4 @@ def init(
   def replace(path, leaf):
     return replacements.get(path_str(path), leaf)
 
-  return jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_lora_weight)
+  return jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_node)

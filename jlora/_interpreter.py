@@ -23,6 +23,7 @@ from jax.extend.core import primitives as P
 
 from jlora import _consumers, _lowrank
 from jlora._consumers import OrientationError
+from jlora._lazy import LazyBase
 from jlora._lowrank import LowRank, Unsupported
 
 try:  # source locations in error messages and profiles; private, so optional
@@ -79,17 +80,19 @@ class Interpreter:
   """
 
   def __init__(self, *, mode: str, on_unsupported: OnUnsupported, rng, usages: dict,
-               fused_expansion: bool = False):
+               fused_expansion: bool = False, context: dict | None = None):
     self.mode = mode
     self.on_unsupported = on_unsupported
     self.rng = rng
     self.usages = usages
     self.fused_expansion = fused_expansion
+    # Per-call inputs for variants, e.g. ``adapter_ids`` for a bank of adapters.
+    self.context = {} if context is None else context
     self._sites = 0
 
   def child(self, rng) -> "Interpreter":
     return Interpreter(mode=self.mode, on_unsupported=self.on_unsupported, rng=rng,
-                       usages=self.usages, fused_expansion=self.fused_expansion)
+                       usages=self.usages, fused_expansion=self.fused_expansion, context=self.context)
 
   def next_key(self):
     if self.rng is None:
@@ -137,7 +140,8 @@ class Interpreter:
       for v in lrs:
         self.record(v, {"kind": "other", "primitive": eqn.primitive.name})
       return _bind(eqn, [x.base if _is_lr(x) else x for x in invals])
-    if self.on_unsupported == "merge":
+    if self.on_unsupported == "merge" or all(not x.has_factors for x in lrs):
+      # An opted-in merge, or a frozen lazy (e.g. 4-bit) kernel without adapter: decode it here.
       return _bind(eqn, [x.dense() if _is_lr(x) else x for x in invals])
     paths = ", ".join(repr(v.path) for v in lrs)
     why = f": {reason}" if reason else ""
@@ -155,7 +159,7 @@ class Interpreter:
       if _is_lr(x):
         if self.mode == "probe":
           x = x.base
-        elif self.on_unsupported == "merge":
+        elif self.on_unsupported == "merge" or not x.has_factors:
           x = x.dense()
         else:
           raise LoraApplyError(
@@ -191,24 +195,46 @@ def _single(invals) -> tuple[LowRank, list]:
 
 
 def _base_out(eqn, invals):
-  # Rules run inside the equation's source context already.
-  return _bind(eqn, [x.base if _is_lr(x) else x for x in invals], ctx=False)
+  """The equation's result on the bases (rules run inside the equation's source context).
+
+  A lazy base (a kernel stored in another form, ``jlora._lazy``) is decoded inside a
+  ``jax.checkpoint`` that saves nothing, so the dense kernel is recomputed for the
+  backward pass instead of being kept alive.
+  """
+  bases = [x.base if _is_lr(x) else x for x in invals]
+  lazy = [i for i, b in enumerate(bases) if isinstance(b, LazyBase)]
+  if not lazy:
+    return _bind(eqn, bases, ctx=False)
+
+  def consume(lazies, others):
+    full = list(others)
+    for i, lz in zip(lazy, lazies):
+      full[i] = lz.materialize()
+    return _bind(eqn, full, ctx=False)
+
+  others = [None if i in lazy else b for i, b in enumerate(bases)]
+  policy = jax.checkpoint_policies.nothing_saveable
+  return jax.checkpoint(consume, policy=policy)([bases[i] for i in lazy], others)
 
 
 def _structural(*prims):
   """A rule for ops whose first operand is the LoRA kernel: the op runs on the base, then
   ``update(v, eqn, out, rest)`` relabels / reshapes the factors (the other operands ``rest``
-  must not be LoRA kernels)."""
+  must not be LoRA kernels). A lazy base records the op instead of running it."""
 
   def deco(update):
     def rule(interp, eqn, invals):
       v, rest = _single(invals)
       if any(_is_lr(x) for x in rest):
         raise Unsupported("")
-      outs = _base_out(eqn, invals)
-      if len(outs) != 1:
-        raise Unsupported("")
-      return [update(v, eqn, outs[0], rest)]
+      if isinstance(v.base, LazyBase):
+        out = v.base.record(eqn.primitive, eqn.params, rest)
+      else:
+        outs = _base_out(eqn, invals)
+        if len(outs) != 1:
+          raise Unsupported("")
+        out = outs[0]
+      return [update(v, eqn, out, rest)]
 
     return _rule(*prims)(rule)
 
@@ -284,7 +310,10 @@ def _scalar_mul(interp, eqn, invals):
     raise Unsupported("")
   if jnp.ndim(c) != 0:
     raise Unsupported("an elementwise product with a non-scalar")
-  (out,) = _base_out(eqn, invals)
+  if isinstance(v.base, LazyBase):  # kernel*c, c*kernel or kernel/c: replayed as (kernel, c)
+    out = v.base.record(eqn.primitive, eqn.params, [c])
+  else:
+    (out,) = _base_out(eqn, invals)
   factor = c if eqn.primitive is P.mul_p else 1.0 / jnp.asarray(c, jnp.float32)
   return [v.scale_by(factor, out)]
 
@@ -307,10 +336,11 @@ def _dot_general(interp, eqn, invals):
         "batch": tuple(sorted(set(_lowrank.provenance(v.labels[i] for i in vb)) | set(v.dropped))),
     })
     return [out]
-  lora = _consumers.dot_general(
-      v, x, v_is_lhs=v_is_lhs, dimension_numbers=dn, precision=eqn.params["precision"],
-      out_dtype=out.dtype, key=interp.next_key(), fused_expansion=interp.fused_expansion)
-  return [out + lora]
+  if not v.has_factors:
+    return [out]
+  plan = _consumers.dot_plan(v, x, v_is_lhs=v_is_lhs, dimension_numbers=dn,
+                             precision=eqn.params["precision"], out_dtype=out.dtype)
+  return [v.source.spec.variant.dot(interp, v, x, out, plan)]
 
 
 @_rule(P.conv_general_dilated_p)
@@ -327,8 +357,9 @@ def _conv(interp, eqn, invals):
         "batch": tuple(sorted(rhs.dropped)),
     })
     return [out]
-  lora = _consumers.conv(rhs, lhs, params=eqn.params, out_dtype=out.dtype, key=interp.next_key())
-  return [out + lora]
+  if not rhs.has_factors:
+    return [out]
+  return [rhs.source.spec.variant.conv(interp, rhs, lhs, out, eqn.params)]
 
 
 @_rule(P.gather_p)
@@ -343,7 +374,9 @@ def _gather(interp, eqn, invals):
         "batch": tuple(sorted(v.dropped)),
     })
     return [out]
-  return [out + _consumers.gather(v, indices, params=eqn.params, out_dtype=out.dtype)]
+  if not v.has_factors:
+    return [out]
+  return [v.source.spec.variant.gather(interp, v, indices, out, eqn.params)]
 
 
 # -- control flow ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora._lazy import LazyBase
 from jlora._weight import LoraSpec, LoraWeight
 
 _uid = itertools.count()
@@ -37,6 +38,18 @@ class Label:
 
 
 RANK = Label(-1, frozenset())
+_SPECIAL: dict[str, Label] = {"rank": RANK}
+
+
+def special_label(name: str) -> Label:
+  """The label of a special (non-kernel) factor axis such as ``"rank"`` or ``"slot"``."""
+  if name not in _SPECIAL:
+    _SPECIAL[name] = Label(-1 - len(_SPECIAL), frozenset())
+  return _SPECIAL[name]
+
+
+def is_special(label: Label) -> bool:
+  return label.uid < 0
 
 
 def new_label(axes: frozenset = frozenset()) -> Label:
@@ -48,7 +61,7 @@ class Source:
   """Which LoRA kernel a value comes from."""
 
   path: str
-  spec: LoraSpec | None  # None in probe mode
+  spec: LoraSpec | None  # None in probe mode and for frozen lazy kernels
   index: int
 
 
@@ -65,65 +78,101 @@ def prov(labels) -> frozenset:
 
 @jax.tree_util.register_pytree_node_class
 class LowRank:
-  __slots__ = ("base", "a", "b", "labels", "a_labels", "b_labels", "source", "dropped")
+  """A kernel value in the apply path: its base plus named, labelled factors.
 
-  def __init__(self, base, a, b, labels, a_labels, b_labels, source, dropped=frozenset()):
+  ``factors[name]`` is an array whose axes carry ``flabels[name]``: labels of
+  value axes (kernel axes after the structural ops so far) and special labels
+  (``RANK``, a bank's slot axis...). ``mode`` is ``"lora"`` (an adapter),
+  ``"probe"`` (``infer_layout``: no factors, labels carry provenance only) or
+  ``"frozen"`` (a lazy kernel without adapter: no factors). ``base`` is an
+  array, or a ``jlora._lazy.LazyBase`` for kernels stored in another form.
+  """
+
+  __slots__ = ("base", "factors", "labels", "flabels", "source", "dropped", "mode")
+
+  def __init__(self, base, factors, labels, flabels, source, dropped=frozenset(), mode="lora"):
     self.base = base
-    self.a = a
-    self.b = b
+    self.factors = dict(factors)
     self.labels = tuple(labels)
-    self.a_labels = None if a_labels is None else tuple(a_labels)
-    self.b_labels = None if b_labels is None else tuple(b_labels)
+    self.flabels = {k: tuple(v) for k, v in flabels.items()}
     self.source = source
     self.dropped = frozenset(dropped)
+    self.mode = mode
 
   # -- pytree ------------------------------------------------------------------
   def tree_flatten(self):
-    aux = (self.labels, self.a_labels, self.b_labels, self.source, self.dropped)
-    return (self.base, self.a, self.b), aux
+    names = tuple(self.factors)
+    aux = (names, self.labels, self.flabels, self.source, self.dropped, self.mode)
+    return (self.base, *(self.factors[n] for n in names)), aux
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    names, labels, flabels, source, dropped, mode = aux
+    return cls(children[0], dict(zip(names, children[1:])), labels, flabels, source, dropped, mode)
 
   # -- construction ------------------------------------------------------------
   @classmethod
   def from_weight(cls, w: LoraWeight, base: Any, source: Source) -> "LowRank":
     spec = w.spec
     labels = [new_label(frozenset({i})) for i in range(len(spec.shape))]
-    a_labels = [labels[i] for i in spec.batch_axes + spec.in_axes] + [RANK]
-    b_labels = [labels[i] for i in spec.batch_axes] + [RANK] + [labels[i] for i in spec.out_axes]
-    return cls(base, w.a, w.b, labels, a_labels, b_labels, source)
+    flabels = {name: [labels[ax] if isinstance(ax, int) else special_label(ax) for ax in axes]
+               for name, axes in spec.factor_axes.items()}
+    return cls(base, w.factors, labels, flabels, source)
 
   @classmethod
   def probe(cls, base: Any, source: Source) -> "LowRank":
     labels = [new_label(frozenset({i})) for i in range(base.ndim)]
-    return cls(base, None, None, labels, None, None, source)
+    return cls(base, {}, labels, {}, source, mode="probe")
+
+  @classmethod
+  def frozen(cls, base: Any, source: Source) -> "LowRank":
+    """A lazy kernel without adapter: only its base is computed with."""
+    labels = [new_label(frozenset({i})) for i in range(base.ndim)]
+    return cls(base, {}, labels, {}, source, mode="frozen")
 
   @property
   def is_probe(self) -> bool:
-    return self.a is None
+    return self.mode == "probe"
+
+  @property
+  def has_factors(self) -> bool:
+    return self.mode == "lora"
 
   @property
   def path(self) -> str:
     return self.source.path
 
-  def _new(self, base, a=None, b=None, labels=None, a_labels=None, b_labels=None, dropped=None):
+  @property
+  def a(self):
+    return self.factors["a"]
+
+  @property
+  def b(self):
+    return self.factors["b"]
+
+  @property
+  def a_labels(self):
+    return self.flabels["a"]
+
+  @property
+  def b_labels(self):
+    return self.flabels["b"]
+
+  def _new(self, base, factors=None, labels=None, flabels=None, dropped=None):
     return LowRank(
         base,
-        self.a if a is None else a,
-        self.b if b is None else b,
+        self.factors if factors is None else factors,
         self.labels if labels is None else labels,
-        self.a_labels if a_labels is None else a_labels,
-        self.b_labels if b_labels is None else b_labels,
+        self.flabels if flabels is None else flabels,
         self.source,
         self.dropped if dropped is None else dropped,
+        self.mode,
     )
 
   # -- label sets ---------------------------------------------------------------
   @property
   def shared(self) -> frozenset:
-    return frozenset(self.a_labels) & frozenset(self.b_labels) - {RANK}
+    return frozenset(self.a_labels) & frozenset(self.b_labels) - {l for l in self.a_labels if is_special(l)}
 
   @property
   def a_only(self) -> frozenset:
@@ -133,9 +182,9 @@ class LowRank:
   def b_only(self) -> frozenset:
     return frozenset(self.b_labels) - frozenset(self.a_labels)
 
-  def owner(self, label: Label) -> str:
-    in_a, in_b = label in self.a_labels, label in self.b_labels
-    return "both" if in_a and in_b else ("a" if in_a else "b")
+  def holders(self, label: Label) -> frozenset:
+    """Names of the factors carrying ``label``."""
+    return frozenset(n for n, fl in self.flabels.items() if label in fl)
 
   # -- structural ops -------------------------------------------------------------
   def with_base(self, base) -> "LowRank":
@@ -144,9 +193,10 @@ class LowRank:
   def transpose(self, perm: Sequence[int], base) -> "LowRank":
     return self._new(base, labels=[self.labels[p] for p in perm])
 
-  def _canonical(self, f, f_labels):
-    """Factor transposed to (value labels in value order..., RANK)."""
-    order = [l for l in self.labels if l in f_labels] + [RANK]
+  def _canonical(self, name):
+    """Factor ``name`` transposed to (its value labels in value order..., its special labels)."""
+    f, f_labels = self.factors[name], self.flabels[name]
+    order = [l for l in self.labels if l in f_labels] + [l for l in f_labels if l not in self.labels]
     perm = [f_labels.index(l) for l in order]
     return jnp.transpose(f, perm), order
 
@@ -155,22 +205,19 @@ class LowRank:
     new_shape = tuple(new_shape)
     groups = _reshape_groups(old_shape, new_shape)
     new_labels: list[Label] = [RANK] * len(new_shape)
-    owners: list[str] = []
+    group_holders: list[frozenset] = []
     for gi, gj in groups:
       old = [self.labels[i] for i in gi]
       nonunit = [l for i, l in zip(gi, old) if old_shape[i] != 1]
       new_nonunit = [j for j in gj if new_shape[j] != 1]
-      if self.is_probe:
-        owner = "a"
-      else:
-        own = {self.owner(l) for l in nonunit}
-        if len(own) > 1:
+      holders = frozenset()
+      if not self.is_probe and self.factors:
+        sets = {self.holders(l) for l in nonunit}
+        if len(sets) > 1:
           raise Unsupported("a reshape merges input-side and output-side kernel axes into one axis")
-        owner = own.pop() if own else "a"
+        holders = sets.pop() if sets else frozenset({"a"})
       keep = len(nonunit) == 1 and len(new_nonunit) == 1 and (
           old_shape[self.labels.index(nonunit[0])] == new_shape[new_nonunit[0]])
-      if owner == "both" and not keep:
-        raise Unsupported("a reshape merges or splits a stacked (batch) axis")
       for j in gj:
         if keep and j == new_nonunit[0]:
           new_labels[j] = nonunit[0]
@@ -178,97 +225,108 @@ class LowRank:
           new_labels[j] = new_label()
         else:
           new_labels[j] = new_label(prov(nonunit))
-      owners.append(owner)
+      group_holders.append(holders)
     carried = prov(new_labels)
     dropped = self.dropped | frozenset(
         ax for l in self.labels if l not in new_labels for ax in l.axes if ax not in carried)
-    if self.is_probe:
+    if self.is_probe or not self.factors:
       return self._new(base, labels=new_labels, dropped=dropped)
 
-    def factor(f, f_labels, name):
-      f_c, _ = self._canonical(f, f_labels)
+    factors, flabels = {}, {}
+    for name in self.factors:
+      f_c, order = self._canonical(name)
+      specials = [l for l in order if is_special(l) or l not in self.labels]
       shape, labels = [], []
-      for (_, gj), owner in zip(groups, owners):
-        if owner in (name, "both"):
+      for (_, gj), holders in zip(groups, group_holders):
+        if name in holders:
           for j in gj:
             shape.append(new_shape[j])
             labels.append(new_labels[j])
-      return jnp.reshape(f_c, (*shape, f_c.shape[-1])), labels + [RANK]
-
-    a, a_labels = factor(self.a, self.a_labels, "a")
-    b, b_labels = factor(self.b, self.b_labels, "b")
-    return LowRank(base, a, b, new_labels, a_labels, b_labels, self.source, dropped)
+      factors[name] = jnp.reshape(f_c, (*shape, *f_c.shape[len(f_c.shape) - len(specials):]))
+      flabels[name] = labels + specials
+    return LowRank(base, factors, new_labels, flabels, self.source, dropped, self.mode)
 
   def slice_axes(self, axis_slices: dict[int, tuple], base, dynamic: bool) -> "LowRank":
     """Slices value axes; ``axis_slices[axis] = (start, size, stride)``."""
-    a, b = self.a, self.b
-    if not self.is_probe:
-      for axis, (start, size, stride) in axis_slices.items():
-        label = self.labels[axis]
-        for which in ("a", "b"):
-          f_labels = self.a_labels if which == "a" else self.b_labels
-          if label not in f_labels:
-            continue
-          f = a if which == "a" else b
-          k = f_labels.index(label)
-          if dynamic:
-            f = lax.dynamic_slice_in_dim(f, start, size, axis=k)
-          else:
-            f = lax.slice_in_dim(f, start, start + (size - 1) * stride + 1, stride, axis=k)
-          if which == "a":
-            a = f
-          else:
-            b = f
-    return self._new(base, a=a, b=b)
+    factors = dict(self.factors)
+    for axis, (start, size, stride) in axis_slices.items():
+      label = self.labels[axis]
+      for name, f_labels in self.flabels.items():
+        if label not in f_labels:
+          continue
+        k = f_labels.index(label)
+        f = factors[name]
+        if dynamic:
+          f = lax.dynamic_slice_in_dim(f, start, size, axis=k)
+        else:
+          f = lax.slice_in_dim(f, start, start + (size - 1) * stride + 1, stride, axis=k)
+        factors[name] = f
+    return self._new(base, factors=factors)
+
+  def scale_factor(self, name: str, c, base) -> "LowRank":
+    """``base`` (already scaled) with factor ``name`` multiplied by the scalar ``c``."""
+    if not self.factors:
+      return self._new(base)
+    f = self.factors[name]
+    return self._new(base, factors={**self.factors, name: f * jnp.asarray(c, f.dtype)})
 
   def scale_by(self, c, base) -> "LowRank":
-    if self.is_probe:
+    if not self.factors:
       return self._new(base)
-    return self._new(base, a=self.a * jnp.asarray(c, self.a.dtype))
+    return self.source.spec.variant.scale_kernel(self, c, base)
 
   def map_factors(self, fn, base) -> "LowRank":
-    if self.is_probe:
-      return self._new(base)
-    return self._new(base, a=fn(self.a), b=fn(self.b))
+    return self._new(base, factors={n: fn(f) for n, f in self.factors.items()})
 
   # -- scan support ------------------------------------------------------------------
   def scan_split(self):
     """Children with the first value axis moved to the front, and a rebuild fn for slices."""
     label = self.labels[0]
-    if self.is_probe:
-      rest = self.labels[1:]
+    rest = self.labels[1:]
+    lazy = isinstance(self.base, LazyBase)
+    base_children, base_rebuild = self.base.scan_split() if lazy else (self.base, None)
+    if not self.factors:
       dropped = self.dropped | label.axes
+      mode = self.mode
 
       def rebuild(children):
-        return LowRank(children[0], None, None, rest, None, None, self.source, dropped)
+        b = base_rebuild(children[0]) if lazy else children[0]
+        return LowRank(b, {}, rest, {}, self.source, dropped, mode)
 
-      return (self.base, None, None), rebuild
-    if self.owner(label) != "both":
+      return (base_children,), rebuild
+    holders = self.holders(label)
+    if holders != frozenset(self.factors):
       raise Unsupported(
           "lax.scan slices this kernel along an axis that is not a stacked (batch) axis of the "
           "adapter; give the kernel a layout with batch_axes=(0,)"
       )
-    ka, kb = self.a_labels.index(label), self.b_labels.index(label)
-    a = jnp.moveaxis(self.a, ka, 0)
-    b = jnp.moveaxis(self.b, kb, 0)
-    rest = self.labels[1:]
-    a_rest = tuple(l for l in self.a_labels if l != label)
-    b_rest = tuple(l for l in self.b_labels if l != label)
+    names = tuple(self.factors)
+    moved = [jnp.moveaxis(self.factors[n], self.flabels[n].index(label), 0) for n in names]
+    flabels = {n: tuple(l for l in self.flabels[n] if l != label) for n in names}
 
     def rebuild(children):
-      return LowRank(children[0], children[1], children[2], rest, a_rest, b_rest, self.source, self.dropped)
+      b = base_rebuild(children[0]) if lazy else children[0]
+      return LowRank(b, dict(zip(names, children[1:])), rest, flabels, self.source, self.dropped, self.mode)
 
-    return (self.base, a, b), rebuild
+    return (base_children, *moved), rebuild
 
   # -- dense fallback -------------------------------------------------------------------
+  def dense_base(self) -> jax.Array:
+    return self.base.materialize() if isinstance(self.base, LazyBase) else self.base
+
   def dense(self) -> jax.Array:
     """``base + scale·(a⊗b)`` computed in float32 and cast to ``base.dtype`` (opt-in only)."""
+    base = self.dense_base()
+    if not self.factors:
+      return base
+    if set(self.factors) != {"a", "b"}:
+      raise Unsupported(f"merging a {self.source.spec.variant.name!r} adapter on the fly")
     letters = Letters()
     spec = f"{letters(self.a_labels)},{letters(self.b_labels)}->{letters(self.labels)}"
     d = jnp.einsum(spec, self.a.astype(jnp.float32), self.b.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
-    out = self.base.astype(jnp.float32) + self.source.spec.scale * d
-    return out.astype(self.base.dtype)
+    out = base.astype(jnp.float32) + self.source.spec.scale * d
+    return out.astype(base.dtype)
 
 
 class Letters:

@@ -7,15 +7,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._weight import delta, is_lora_weight
+from jlora._lazy import dense
+from jlora._weight import is_lora_weight
 
 Params = Any
 
 
 def merge(params: Params) -> Params:
-  """Folds every adapter into its kernel: ``W = W0 + scale·(A⊗B)``.
+  """Folds every adapter into its kernel: ``W = W0 + scale·(A⊗B)`` (or the variant's merge).
 
-  The sum is computed in float32 and cast to ``W0``'s dtype at the end, so the
+  The merge is computed in float32 and cast to ``W0``'s dtype at the end, so the
   result has the original structure and dtypes and runs with the plain,
   unwrapped apply function at zero overhead.
 
@@ -32,8 +33,8 @@ def merge(params: Params) -> Params:
       return x
     if not x.is_complete:
       raise ValueError(f"jlora.merge: incomplete LoraWeight {x!r}; combine the split halves first.")
-    w0 = jnp.asarray(x.w0)
-    return (w0.astype(jnp.float32) + delta(x, dtype=jnp.float32)).astype(w0.dtype)
+    w0 = dense(x.w0)  # a lazy (e.g. 4-bit) base is decoded to its compute dtype
+    return x.spec.variant.merged(x, w0.astype(jnp.float32)).astype(w0.dtype)
 
   return jax.tree_util.tree_map(fold, params, is_leaf=is_lora_weight)
 

@@ -11,11 +11,17 @@ from jlora._weight import LoraWeight, is_lora_weight
 Params = Any
 
 
+def _keep(w: LoraWeight, keep) -> LoraWeight:
+  """``w`` with every child for which ``keep(name)`` is false set to ``None``."""
+  return w.replace(**{n: (v if keep(n) else None) for n, v in (("w0", w.w0), *w.factors.items())})
+
+
 def split(params: Params) -> tuple[Params, Params]:
   """Splits a LoRA tree into ``(adapters, frozen)`` with the same structure.
 
-  ``adapters`` keeps only the ``a``/``b`` factors (every other leaf is
-  ``None``); ``frozen`` keeps everything else. Differentiate and optimise
+  ``adapters`` keeps only the trained children (the ``a``/``b`` factors and a
+  variant's trained parameters; every other leaf is ``None``); ``frozen`` keeps
+  everything else. Differentiate and optimise
   ``adapters`` only; ``jlora.combine`` puts the halves back together exactly.
 
   Args:
@@ -34,10 +40,10 @@ def split(params: Params) -> tuple[Params, Params]:
   """
 
   def adapter_part(x):
-    return x.replace(w0=None) if is_lora_weight(x) else None
+    return _keep(x, lambda name: x.trainable(name)) if is_lora_weight(x) else None
 
   def frozen_part(x):
-    return x.replace(a=None, b=None) if is_lora_weight(x) else x
+    return _keep(x, lambda name: not x.trainable(name)) if is_lora_weight(x) else x
 
   if not any(is_lora_weight(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_lora_weight)):
     raise ValueError("jlora.split: the tree holds no LoraWeight; create adapters with jlora.init first.")
@@ -58,21 +64,21 @@ def combine(adapters: Params, frozen: Params) -> Params:
 
   def pick(a, f):
     if is_lora_weight(a) or is_lora_weight(f):
-      if not (is_lora_weight(a) and is_lora_weight(f)):
+      if not (is_lora_weight(a) and is_lora_weight(f)) or a.spec.factor_axes != f.spec.factor_axes:
         raise ValueError("jlora.combine: a LoraWeight faces a plain leaf; the halves come from different trees.")
-      return LoraWeight(
-          f.w0 if a.w0 is None else a.w0,
-          a.a if f.a is None else f.a,
-          a.b if f.b is None else f.b,
-          f.spec,
-      )
+      def child(n):
+        x, y = ((a.w0, f.w0) if n == "w0" else (a.factors[n], f.factors[n]))
+        return y if x is None else x
+
+      kids = {n: child(n) for n in ("w0", *a.factors)}
+      return f.replace(**kids)
     return f if a is None else a
 
   return jax.tree_util.tree_map(pick, adapters, frozen, is_leaf=lambda x: x is None or is_lora_weight(x))
 
 
 def labels(params: Params) -> Params:
-  """Labels each leaf ``"lora"`` (an ``a``/``b`` factor) or ``"frozen"`` (anything else).
+  """Labels each leaf ``"lora"`` (a trained adapter child) or ``"frozen"`` (anything else).
 
   Works on full trees and on ``split`` halves; ``None`` positions stay ``None``.
 
@@ -85,12 +91,9 @@ def labels(params: Params) -> Params:
 
   def label(x):
     if is_lora_weight(x):
-      return LoraWeight(
-          None if x.w0 is None else "frozen",
-          None if x.a is None else "lora",
-          None if x.b is None else "lora",
-          x.spec,
-      )
+      kids = {n: None if v is None else ("lora" if x.trainable(n) else "frozen")
+              for n, v in (("w0", x.w0), *x.factors.items())}
+      return x.replace(**kids)
     return "frozen"
 
   return jax.tree_util.tree_map(label, params, is_leaf=is_lora_weight)

@@ -8,7 +8,7 @@ from typing import Any
 
 from jlora._config import LoraConfig, Rule
 from jlora._tree import close_matches, leaves_with_paths
-from jlora._weight import is_lora_weight
+from jlora._weight import is_lora_weight, is_node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ def select_targets(params: Any, config: LoraConfig) -> list[Target]:
       nothing; a matched path already holds an adapter.
   """
   rules = config.targets
-  entries = list(leaves_with_paths(params, is_leaf=is_lora_weight))
+  entries = list(leaves_with_paths(params, is_leaf=is_node))
   all_paths = [p for p, _ in entries]
   kernel_like = [p for p, leaf in entries if len(getattr(leaf, "shape", ())) >= 2]
   raw_hits = [0] * len(rules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -11,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import KernelLayout
+from jlora._lazy import is_lazy_node
+from jlora._variant import PLAIN, Variant
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,6 +28,8 @@ class LoraSpec:
   alpha: float
   rslora: bool = False
   dropout: float = 0.0
+  # The adapter family (plain LoRA, DoRA, a bank of adapters...): its children and apply rules.
+  variant: Variant = PLAIN
 
   @property
   def scale(self) -> float:
@@ -43,14 +48,23 @@ class LoraSpec:
     return self.layout.out_axes(len(self.shape))
 
   @property
+  def factor_axes(self) -> dict[str, tuple[int | str, ...]]:
+    """Axis spec of every child beyond ``w0`` (see ``jlora.Variant``)."""
+    return self.variant.factor_axes(self)
+
+  @property
+  def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+    special = self.variant.special_sizes(self)
+    return {name: tuple(special[ax] if isinstance(ax, str) else self.shape[ax] for ax in axes)
+            for name, axes in self.factor_axes.items()}
+
+  @property
   def a_shape(self) -> tuple[int, ...]:
-    s = self.shape
-    return (*(s[i] for i in self.batch_axes), *(s[i] for i in self.in_axes), self.rank)
+    return self.factor_shapes["a"]
 
   @property
   def b_shape(self) -> tuple[int, ...]:
-    s = self.shape
-    return (*(s[i] for i in self.batch_axes), self.rank, *(s[i] for i in self.out_axes))
+    return self.factor_shapes["b"]
 
   @property
   def fan_in(self) -> int:
@@ -61,41 +75,85 @@ class LoraSpec:
     return int(np.prod([self.shape[i] for i in self.out_axes], dtype=np.int64))
 
 
+def _desc(x: Any) -> str:
+  """Short description of a child for reprs, whatever it is (array, shape tuple, None...)."""
+  if x is None:
+    return "None"
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is not None and dtype is not None:
+    try:
+      return f"{jnp.dtype(dtype).name}{list(shape)}"
+    except TypeError:
+      return f"{dtype}{list(shape)}"
+  text = repr(x)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class LoraWeight:
-  """A targeted kernel: frozen base ``w0`` plus trainable factors ``a`` and ``b``.
+  """A targeted kernel: frozen base ``w0`` plus the adapter's children.
 
-  The effective kernel is ``w0 + spec.scale * (a ⊗ b)`` where ``a`` has shape
+  For plain LoRA the children are the trainable factors ``a`` and ``b`` and the
+  effective kernel is ``w0 + spec.scale * (a ⊗ b)`` where ``a`` has shape
   ``(*batch, *in, r)`` and ``b`` has shape ``(*batch, r, *out)``; ``jlora.wrap``
-  never builds that sum, it computes ``x·w0 + scale·((x·a)·b)``.
+  never builds that sum, it computes ``x·w0 + scale·((x·a)·b)``. Variants
+  (``spec.variant``) add children, e.g. DoRA's magnitude, held in ``extras``.
 
-  Any of the three children may be ``None`` in the halves produced by
-  ``jlora.split`` (adapters only, or frozen only).
+  Any child may be ``None`` in the halves produced by ``jlora.split``
+  (adapters only, or frozen only).
   """
 
-  __slots__ = ("w0", "a", "b", "spec")
+  __slots__ = ("w0", "factors", "spec")
 
-  def __init__(self, w0: Any, a: Any, b: Any, spec: LoraSpec):
+  def __init__(self, w0: Any, a: Any, b: Any, spec: LoraSpec, extras: Mapping[str, Any] | None = None):
+    names = tuple(spec.factor_axes)
+    factors = {"a": a, "b": b, **(dict(extras) if extras else {})}
+    if tuple(sorted(factors)) != tuple(sorted(names)):
+      raise ValueError(f"LoraWeight: a {spec.variant.name!r} adapter has children {names}, got "
+                       f"{tuple(factors)}.")
     object.__setattr__(self, "w0", w0)
-    object.__setattr__(self, "a", a)
-    object.__setattr__(self, "b", b)
+    object.__setattr__(self, "factors", {n: factors[n] for n in names})
     object.__setattr__(self, "spec", spec)
 
   def __setattr__(self, name, value):
     raise AttributeError("LoraWeight is immutable; use .replace(...) to get a modified copy.")
 
+  @property
+  def a(self) -> Any:
+    return self.factors["a"]
+
+  @property
+  def b(self) -> Any:
+    return self.factors["b"]
+
+  @property
+  def extras(self) -> dict[str, Any]:
+    """Children beyond ``w0``, ``a`` and ``b`` (a variant's own parameters)."""
+    return {n: v for n, v in self.factors.items() if n not in ("a", "b")}
+
   def tree_flatten_with_keys(self):
     GK = jax.tree_util.GetAttrKey
-    return ((GK("w0"), self.w0), (GK("a"), self.a), (GK("b"), self.b)), self.spec
+    return ((GK("w0"), self.w0), *((GK(n), v) for n, v in self.factors.items())), self.spec
 
   @classmethod
   def tree_unflatten(cls, spec, children):
-    return cls(*children, spec)
+    w0, a, b, *rest = children
+    names = tuple(spec.factor_axes)[2:]
+    return cls(w0, a, b, spec, dict(zip(names, rest)))
 
   def replace(self, **kwargs) -> "LoraWeight":
-    fields = {"w0": self.w0, "a": self.a, "b": self.b, "spec": self.spec}
+    """A copy with some children (``w0``, ``a``, ``b``, an extra's name) or ``spec`` replaced."""
+    fields = {"w0": self.w0, "spec": self.spec, **self.factors}
+    unknown = set(kwargs) - set(fields)
+    if unknown:
+      raise ValueError(f"LoraWeight.replace: unknown field(s) {sorted(unknown)}; fields: {sorted(fields)}.")
     fields.update(kwargs)
-    return LoraWeight(**fields)
+    w0, spec, a, b = fields.pop("w0"), fields.pop("spec"), fields.pop("a"), fields.pop("b")
+    return LoraWeight(w0, a, b, spec, fields)
+
+  def trainable(self, name: str) -> bool:
+    """Whether child ``name`` is a trained parameter (``w0`` never is)."""
+    return name != "w0" and self.spec.variant.trainable(name)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -103,29 +161,26 @@ class LoraWeight:
 
   @property
   def is_complete(self) -> bool:
-    return self.w0 is not None and self.a is not None and self.b is not None
+    return self.w0 is not None and all(v is not None for v in self.factors.values())
 
   def __repr__(self) -> str:
-    def desc(x):
-      if x is None:
-        return "None"
-      return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
-
-    return (
-        f"LoraWeight(w0={desc(self.w0)}, a={desc(self.a)}, b={desc(self.b)}, "
-        f"rank={self.spec.rank}, scale={self.spec.scale:g})"
-    )
+    kids = ", ".join(f"{n}={_desc(v)}" for n, v in (("w0", self.w0), *self.factors.items()))
+    variant = self.spec.variant.describe()
+    return (f"LoraWeight({kids}, rank={self.spec.rank}, scale={self.spec.scale:g}"
+            + (f", variant={variant}" if variant else "") + ")")
 
 
 def is_lora_weight(x: Any) -> bool:
   return isinstance(x, LoraWeight)
 
 
-def delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:
-  """The dense update ``scale · (a ⊗ b)`` laid out like ``w0``, computed in ``dtype``.
+def is_node(x: Any) -> bool:
+  """Leaves of jlora's traversals: adapters, and kernels stored in another form (``jlora._lazy``)."""
+  return isinstance(x, LoraWeight) or is_lazy_node(x)
 
-  Only merge and export call this; the apply path never builds it.
-  """
+
+def lowrank_delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:
+  """``scale · (a ⊗ b)`` laid out like ``w0`` (plain LoRA factors), computed in ``dtype``."""
   spec = weight.spec
   nd = len(spec.shape)
   letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY"
@@ -137,3 +192,11 @@ def delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:
   b = jnp.asarray(weight.b, dtype)
   d = jnp.einsum(f"{sa},{sb}->{out}", a, b, precision=jax.lax.Precision.HIGHEST)
   return d * jnp.asarray(spec.scale, dtype)
+
+
+def delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:
+  """The dense update laid out like ``w0``, computed in ``dtype`` (the variant decides).
+
+  Only merge and export call this; the apply path never builds it.
+  """
+  return weight.spec.variant.delta(weight, dtype)

@@ -51,15 +51,24 @@ def _padded(spec: P, ndim: int) -> tuple:
   return entries + (None,) * (ndim - len(entries))
 
 
+def child_specs(spec: LoraSpec, kernel_spec: P, policy: Policy = "derive") -> dict[str, P]:
+  """PartitionSpecs of every adapter child (``a``, ``b``, a variant's own) from its kernel's spec.
+
+  A child axis that is a kernel axis takes that axis' spec (``"replicate"``: only stacked
+  axes do); rank and other special axes are unsharded.
+  """
+  if policy not in ("derive", "replicate"):
+    raise ValueError(f"policy must be 'derive' or 'replicate', got {policy!r}")
+  k = _padded(kernel_spec, len(spec.shape))
+  keep = set(range(len(spec.shape))) if policy == "derive" else set(spec.batch_axes)
+  return {name: P(*(k[ax] if isinstance(ax, int) and ax in keep else None for ax in axes))
+          for name, axes in spec.factor_axes.items()}
+
+
 def factor_specs(spec: LoraSpec, kernel_spec: P, policy: Policy = "derive") -> tuple[P, P]:
   """``(A spec, B spec)`` for an adapter whose base kernel has ``kernel_spec``."""
-  k = _padded(kernel_spec, len(spec.shape))
-  batch = tuple(k[i] for i in spec.batch_axes)
-  if policy == "replicate":
-    return P(*batch, *(None,) * (len(spec.in_axes) + 1)), P(*batch, *(None,) * (len(spec.out_axes) + 1))
-  if policy != "derive":
-    raise ValueError(f"policy must be 'derive' or 'replicate', got {policy!r}")
-  return P(*batch, *(k[i] for i in spec.in_axes), None), P(*batch, None, *(k[i] for i in spec.out_axes))
+  specs = child_specs(spec, kernel_spec, policy)
+  return specs["a"], specs["b"]
 
 
 def lora_specs(params: Any, base_specs: Any, policy: Policy = "derive") -> Any:
@@ -67,7 +76,7 @@ def lora_specs(params: Any, base_specs: Any, policy: Policy = "derive") -> Any:
 
   ``base_specs`` has the structure of the original params (one spec per leaf);
   the result has the structure of ``params`` (``LoraWeight`` nodes get
-  ``LoraWeight(w0_spec, a_spec, b_spec)``; ``None`` halves from ``jlora.split``
+  ``LoraWeight`` nodes of specs; ``None`` halves from ``jlora.split``
   stay ``None``).
   """
   flat_specs = {p: s for p, s in leaves_with_paths(base_specs, is_leaf=lambda x: isinstance(x, P))}
@@ -78,9 +87,9 @@ def lora_specs(params: Any, base_specs: Any, policy: Policy = "derive") -> Any:
       raise ValueError(f"no PartitionSpec for {p!r} in base_specs")
     s = flat_specs[p]
     if is_lora_weight(leaf):
-      a, b = factor_specs(leaf.spec, s, policy)
-      return LoraWeight(None if leaf.w0 is None else s, None if leaf.a is None else a,
-                        None if leaf.b is None else b, leaf.spec)
+      kids = child_specs(leaf.spec, s, policy)
+      return leaf.replace(w0=None if leaf.w0 is None else s,
+                          **{n: None if v is None else kids[n] for n, v in leaf.factors.items()})
     return s
 
   return jax.tree_util.tree_map_with_path(spec_for, params, is_leaf=is_lora_weight)

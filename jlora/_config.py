@@ -6,12 +6,14 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-InitMethod = Literal["default", "gaussian"]
-_INIT_METHODS = ("default", "gaussian")
+from jlora._variant import PLAIN, Variant
+
+# Built in: "default" and "gaussian"; subpackages register more (see ``jlora._init.register_init``).
+InitMethod = str
 
 
 def _unknown_option_error(cls_name: str, unknown: Sequence[str], known: Sequence[str]) -> ValueError:
@@ -169,10 +171,13 @@ class LoraConfig:
   targets: str | Rule | Sequence[str | Rule] = ()
   # Regexes (fullmatch) of paths that never get adapters, even if a target matches.
   exclude: str | Sequence[str] = ()
-  # Initialisation: "default" (PEFT: A kaiming-uniform, B = 0) or "gaussian" (A ~ N(0, (1/r)^2), B = 0).
+  # Initialisation: "default" (PEFT: A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, (1/r)^2),
+  # B = 0), or a method a subpackage registers (e.g. "pissa", "olora", "loftq").
   init: InitMethod = "default"
   # dtype of A and B (float32 even for a bf16 base is the recommended default).
   adapter_dtype: Any = "float32"
+  # The adapter family (plain LoRA by default; e.g. DoRA). See ``jlora.Variant``.
+  variant: Variant = PLAIN
 
   def __post_init__(self):
     _check_rank(self.rank, "LoraConfig.rank")
@@ -211,8 +216,12 @@ class LoraConfig:
       except re.error as err:
         raise ValueError(f"LoraConfig.exclude {e!r} is not a valid regex: {err}.") from None
     object.__setattr__(self, "exclude", exclude)
-    if self.init not in _INIT_METHODS:
-      raise ValueError(f"LoraConfig.init must be one of {_INIT_METHODS}, got {self.init!r}.")
+    from jlora._init import init_method_names, resolve_init
+
+    if not isinstance(self.init, str) or resolve_init(self.init) is None:
+      raise ValueError(f"LoraConfig.init must be one of {init_method_names()}, got {self.init!r}.")
+    if not isinstance(self.variant, Variant):
+      raise ValueError(f"LoraConfig.variant must be a jlora.Variant, got {type(self.variant).__name__}.")
     try:
       dt = np.dtype(self.adapter_dtype)
     except TypeError:
@@ -240,6 +249,7 @@ class LoraConfig:
         for r in self.targets
     ]
     d["exclude"] = list(self.exclude)
+    d["variant"] = self.variant.to_json()
     return d
 
   @classmethod
@@ -256,4 +266,6 @@ class LoraConfig:
       else:
         targets.append(t)
     d["targets"] = targets
+    if "variant" in d:
+      d["variant"] = Variant.from_json(d["variant"])
     return cls(**d)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -80,21 +81,50 @@ def _check_leaf(path: str, leaf: Any, rule_index: int) -> tuple[tuple[int, ...],
   return shape, np.dtype(dtype)
 
 
-def _init_factors(key: jax.Array, spec: LoraSpec, config: LoraConfig) -> tuple[jax.Array, jax.Array]:
-  dtype = jnp.dtype(config.adapter_dtype)
+# An init method: (key, spec, w0, config) -> (w0 to keep, {"a": A, "b": B}) in any float dtype.
+# Methods that change the base (PiSSA, LoftQ...) return the new w0; the others return w0 as is.
+InitFn = Callable[[jax.Array, LoraSpec, Any, LoraConfig], tuple[Any, dict[str, jax.Array]]]
+_INIT_METHODS: list[tuple[str, str, InitFn]] = []  # (regex fullmatch on the name, shown name, fn)
+
+
+def register_init(pattern: str, fn: InitFn, *, shown: str | None = None) -> None:
+  """Registers an init method for ``LoraConfig(init=...)`` (names are matched by regex fullmatch).
+
+  Example:
+    >>> from jlora._init import resolve_init
+    >>> resolve_init("gaussian") is not None, resolve_init("nope") is None
+    (True, True)
+  """
+  _INIT_METHODS.append((pattern, shown or pattern, fn))
+
+
+def resolve_init(name: str) -> InitFn | None:
+  for pattern, _, fn in _INIT_METHODS:
+    if re.fullmatch(pattern, name):
+      return fn
+  return None
+
+
+def init_method_names() -> tuple[str, ...]:
+  return tuple(shown for _, shown, _ in _INIT_METHODS)
+
+
+def _default_init(key: jax.Array, spec: LoraSpec, w0: Any, config: LoraConfig):
   ka, kb = jax.random.split(key)
   if spec.layout.embedding:
     # PEFT: lora_embedding_A = 0, lora_embedding_B ~ N(0, 1).
-    a = jnp.zeros(spec.a_shape, dtype)
-    b = jax.random.normal(kb, spec.b_shape, jnp.float32).astype(dtype)
-    return a, b
+    return w0, {"a": jnp.zeros(spec.a_shape), "b": jax.random.normal(kb, spec.b_shape, jnp.float32)}
   if config.init == "default":
     # PEFT: kaiming_uniform_(A, a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     bound = 1.0 / np.sqrt(spec.fan_in)
     a = jax.random.uniform(ka, spec.a_shape, jnp.float32, -bound, bound)
   else:  # "gaussian": PEFT's normal_(A, std=1/r)
     a = jax.random.normal(ka, spec.a_shape, jnp.float32) / spec.rank
-  return a.astype(dtype), jnp.zeros(spec.b_shape, dtype)
+  return w0, {"a": a, "b": jnp.zeros(spec.b_shape, jnp.float32)}
+
+
+register_init("default", _default_init)
+register_init("gaussian", _default_init)
 
 
 def init(
@@ -149,7 +179,7 @@ def init(
     alpha = target.rule.alpha if target.rule.alpha is not None else config.alpha
     spec = LoraSpec(
         shape=shape, layout=lay, rank=int(rank), alpha=float(alpha),
-        rslora=config.rslora, dropout=float(config.dropout),
+        rslora=config.rslora, dropout=float(config.dropout), variant=config.variant,
     )
     limit = min(spec.fan_in, spec.fan_out)
     if spec.rank > limit:
@@ -159,8 +189,11 @@ def init(
           f"parameters without adding expressiveness. Use rank <= {limit} for this kernel "
           "(a Rule with its own rank) or exclude it."
       )
-    a, b = _init_factors(k, spec, config)
-    replacements[target.path] = LoraWeight(target.leaf, a, b, spec)
+    w0, factors = resolve_init(config.init)(k, spec, target.leaf, config)
+    dtype = jnp.dtype(config.adapter_dtype)
+    factors = {n: jnp.asarray(f).astype(dtype) for n, f in factors.items()}
+    extras = {n: jnp.asarray(f) for n, f in spec.variant.init_extras(spec, w0, factors).items()}
+    replacements[target.path] = LoraWeight(w0, factors.pop("a"), factors.pop("b"), spec, extras)
 
   def replace(path, leaf):
     return replacements.get(path_str(path), leaf)

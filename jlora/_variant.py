@@ -65,6 +65,11 @@ class Variant:
     del name
     return True
 
+  def init_extras(self, spec: "LoraSpec", w0: Any, factors: Mapping[str, Any]) -> dict[str, Any]:
+    """Initial values of the children beyond ``a`` and ``b`` (``jlora.init``), e.g. DoRA's magnitude."""
+    del spec, w0, factors
+    return {}
+
   def to_json(self) -> dict[str, Any]:
     """JSON form for checkpoint metadata (``name`` plus the dataclass fields)."""
     return {"name": self.name, **dataclasses.asdict(self)}

@@ -255,3 +255,36 @@ def test_lazy_kernel_records_structural_ops():
   g = lambda p, x: x @ (p["w"] + 1.0)
   assert_close(jlora.wrap(g)({"w": qw}, x), g({"w": dense}, x), **F32)
   assert jlora.count({"w": qw}).frozen_bytes == 8 * 6 + 4
+
+
+# -- registered init methods and a variant's own initial children -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedOnes(Gated):
+  name = "test-gated-ones"
+
+  def init_extras(self, spec, w0, factors):
+    return {"gate": jnp.ones(spec.factor_shapes["gate"])}
+
+
+def _halve_base_init(key, spec, w0, config):
+  """A test init method that changes the base (as PiSSA does): w0/2, and A = B = 1."""
+  return w0 / 2, {"a": jnp.ones(spec.a_shape), "b": jnp.ones(spec.b_shape)}
+
+
+def test_registered_init_method_and_variant_config():
+  from jlora._init import register_init
+
+  register_init(r"test-halve(_\d+)?", _halve_base_init, shown="test-halve[_N]")
+  cfg = jlora.LoraConfig(rank=2, targets="w", init="test-halve_3", variant=GatedOnes())
+  assert jlora.LoraConfig.from_dict(cfg.to_dict()) == cfg
+  w = jnp.arange(12.0).reshape(3, 4)
+  lp = jlora.init(KEY, {"w": w}, cfg)["w"]
+  np.testing.assert_array_equal(np.asarray(lp.w0), np.asarray(w) / 2)
+  np.testing.assert_array_equal(np.asarray(lp.factors["gate"]), np.ones(4))
+  assert lp.spec.variant == GatedOnes()
+  with pytest.raises(ValueError, match="LoraConfig.init must be one of .*test-halve"):
+    jlora.LoraConfig(targets="w", init="nope")
+  with pytest.raises(ValueError, match="LoraConfig.variant must be a jlora.Variant"):
+    jlora.LoraConfig(targets="w", variant="dora")

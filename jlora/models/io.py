@@ -13,9 +13,10 @@ above ``max_shard_bytes``), which ``transformers.AutoModelForCausalLM`` loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ from jlora.models.names import Param, param_table
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"  # transformers 4.x Flax checkpoints are read too
 # Checkpoint tensors that carry no weights (old Llama checkpoints saved RoPE buffers).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -71,9 +73,32 @@ def _weight_files(directory: str) -> list[str]:
   single = os.path.join(directory, WEIGHTS_NAME)
   if os.path.isfile(single):
     return [single]
+  if os.path.isfile(os.path.join(directory, FLAX_WEIGHTS_NAME)):
+    return [os.path.join(directory, FLAX_WEIGHTS_NAME)]
   others = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".msgpack", ".pt", ".pth")))
   hint = f" (found {others}: convert them to safetensors)" if others else ""
   raise FileNotFoundError(f"{directory!r} has no {WEIGHTS_NAME} or {INDEX_NAME}{hint}")
+
+
+def _open_tensors(files: list[str]) -> dict[str, Callable[[], np.ndarray]]:
+  """``{HF tensor name: reader}``; each reader returns the tensor (torch layout) when called."""
+  from safetensors import safe_open
+
+  if len(files) == 1 and files[0].endswith(".msgpack"):
+    # transformers 4.x Flax checkpoints: the Flax tree, renamed and transposed to torch layout.
+    from flax.serialization import msgpack_restore
+
+    from jlora.hf import to_torch_state_dict
+
+    with open(files[0], "rb") as f:
+      tensors = to_torch_state_dict(msgpack_restore(f.read()))
+    return {k: (lambda v=v: v) for k, v in tensors.items()}
+  readers = {}
+  for path in files:
+    handle = safe_open(path, framework="numpy")
+    for k in handle.keys():
+      readers[k] = functools.partial(handle.get_tensor, k)
+  return readers
 
 
 def _placement(params_shapes: Params, mesh, sharding):
@@ -99,7 +124,8 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
 
   Args:
     directory: holds ``config.json`` and ``model.safetensors`` or a sharded
-      ``model.safetensors.index.json``.
+      ``model.safetensors.index.json`` (or, from transformers 4.x Flax classes,
+      ``flax_model.msgpack``).
     dtype: dtype of the parameters, which is also the compute dtype
       (``"float32"`` or ``"bfloat16"``; the cast happens on the host).
     mesh: place every parameter directly onto this mesh (no full copy on one device).
@@ -125,22 +151,15 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
     >>> model2 == model, params["layers"]["self_attn"]["q_norm"]["scale"].shape
     (True, (2, 8))
   """
-  from safetensors import safe_open
-
   cfg = read_config(directory)
   model = Decoder(cfg, remat=remat, attention=attention)
   dtype = jnp.dtype(dtype)
   table = param_table(cfg)
-  files = _weight_files(directory)
-  handles = [safe_open(f, framework="numpy") for f in files]
-  where: dict[str, int] = {}
-  for i, h in enumerate(handles):
-    for k in h.keys():
-      where[k] = i
+  readers = _open_tensors(_weight_files(directory))
   needed = {name for p in table for name in p.hf_names(cfg.num_layers)}
-  missing = sorted(n for n in needed if n not in where)
-  tied_extra = "lm_head.weight" if cfg.tie_embeddings and "lm_head.weight" in where else None
-  unexpected = sorted(k for k in where if k not in needed and k != tied_extra and not k.endswith(_IGNORED_SUFFIXES))
+  missing = sorted(n for n in needed if n not in readers)
+  tied_extra = "lm_head.weight" if cfg.tie_embeddings and "lm_head.weight" in readers else None
+  unexpected = sorted(k for k in readers if k not in needed and k != tied_extra and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected:
     parts = []
     if missing:
@@ -153,7 +172,7 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
   placement = _placement(model.shapes(dtype), mesh, sharding)
 
   def read(name: str, expected: tuple[int, ...], transpose: bool) -> np.ndarray:
-    arr = handles[where[name]].get_tensor(name)
+    arr = readers[name]()
     if transpose:
       arr = arr.T
     if arr.shape != expected:
@@ -172,7 +191,7 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
       host = np.ascontiguousarray(read(p.hf_name, p.shape, transpose))
     flat[p.path] = _place(host, placement.get(p.path))
   if tied_extra:
-    lm = handles[where[tied_extra]].get_tensor(tied_extra)
+    lm = readers[tied_extra]()
     emb = np.asarray(jax.device_get(flat["embed_tokens/embedding"]))
     if lm.shape != emb.shape or not np.array_equal(lm.astype(dtype), emb):
       raise CheckpointError(f"{directory}: config.json ties the embeddings (tie_word_embeddings) but the checkpoint "

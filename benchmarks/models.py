@@ -9,8 +9,9 @@ kinds. One train step = loss + grad w.r.t. the adapters + AdamW, jitted with don
   python benchmarks/models.py --quick      # compile-time and memory parts only
 
 Reports, all measured in one process:
-* LoRA step tokens/s of the native decoder, of transformers' FlaxLlamaForCausalLM (4.57)
-  under jlora.wrap, and of PEFT on PyTorch CPU, timed interleaved (round robin);
+* LoRA step tokens/s of the native decoder (layers scanned, and unrolled), of transformers'
+  FlaxLlamaForCausalLM (4.57) under jlora.wrap, and of PEFT on PyTorch CPU, timed
+  interleaved (round robin);
 * trace + compile time of the LoRA step at 4 and 32 layers (native: layers under a scan;
   Flax: unrolled), from abstract shapes (no weights are materialised);
 * XLA temp memory of the native LoRA step vs full fine-tuning (memory_analysis).
@@ -21,6 +22,7 @@ Results go to benchmarks/results/models.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 import warnings
@@ -38,7 +40,7 @@ warnings.filterwarnings("ignore")
 
 HF_CONFIG = dict(model_type="llama", vocab_size=16384, hidden_size=768, intermediate_size=2048,
                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
-                 max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu",
+                 max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu",
                  tie_word_embeddings=False,
                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
@@ -218,7 +220,9 @@ def main():
     fm = flax_model(HF_CONFIG["num_hidden_layers"], init=True)
     flax_lp = jlora.init(jax.random.key(1), fm.params, lora_config(FLAX_TARGETS))
     copy = lambda t: jax.tree.map(jnp.copy, t, is_leaf=lambda x: x is None)  # donated buffers
+    unrolled = dataclasses.replace(model, unroll_layers=True)
     fns = {"native": runner(*lora_step(lambda p, x: model(p, x), copy(lp)), ids),
+           "native_unrolled": runner(*lora_step(lambda p, x: unrolled(p, x), copy(lp)), ids),
            "flax": runner(*lora_step(lambda p, x: fm(x, params=p).logits, copy(flax_lp)), ids)}
     torch_run, threads = torch_runner()
     fns["peft_torch"] = torch_run
@@ -226,6 +230,7 @@ def main():
     wall = {f"{k}_s": round(median(v), 4) for k, v in times.items()}
     wall.update({f"{k}_tokens_per_s": round(BATCH * SEQ / median(v), 1) for k, v in times.items()})
     wall["native_over_flax_speed"] = round(median(times["flax"]) / median(times["native"]), 3)
+    wall["native_unrolled_over_flax_speed"] = round(median(times["flax"]) / median(times["native_unrolled"]), 3)
     wall["native_over_peft_speed"] = round(median(times["peft_torch"]) / median(times["native"]), 3)
     wall["torch_threads"] = threads
     result["lora_step_wall"] = wall

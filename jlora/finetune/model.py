@@ -83,6 +83,8 @@ class LoadedModel:
 
 
 def _quiet_transformers():
+  # transformers 5 announces at import that PyTorch is absent (jlora needs only its tokenizers).
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
   try:
     from transformers.utils import logging as hf_logging

@@ -102,6 +102,9 @@ class Decoder:
       (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``: keep the
       projection outputs, recompute norms, activations and attention).
     attention: ``"auto"`` (cuDNN on GPU where allowed, else XLA), ``"xla"``, ``"cudnn"``.
+    unroll_layers: compile the layer scan fully unrolled. XLA then fuses across layer
+      boundaries (on CPU a LoRA step of a 768-wide model ran ~15% faster), but trace and
+      compile time grow with depth again; the default keeps them flat.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -117,19 +120,30 @@ class Decoder:
   config: ModelConfig
   remat: str = dataclasses.field(default="none", kw_only=True)
   attention: str = dataclasses.field(default="auto", kw_only=True)
+  unroll_layers: bool = dataclasses.field(default=False, kw_only=True)
 
   def __post_init__(self):
     if not isinstance(self.config, ModelConfig):
       raise ValueError(f"Decoder.config must be a jlora.models.ModelConfig, got {type(self.config).__name__}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Decoder.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
+    if not isinstance(self.unroll_layers, bool):
+      raise ValueError(f"Decoder.unroll_layers must be a bool, got {self.unroll_layers!r}.")
     if self.attention not in attn_lib.IMPLEMENTATIONS:
       raise ValueError(f"Decoder.attention must be one of {attn_lib.IMPLEMENTATIONS}, got {self.attention!r}.")
 
   # -- parameters --------------------------------------------------------------------------
 
   def shapes(self, dtype: Any = jnp.float32) -> Params:
-    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (for ``eval_shape`` / sizing)."""
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (for ``eval_shape`` / sizing).
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).shapes()["layers"]["mlp"]["down_proj"]["kernel"].shape
+      (2, 48, 32)
+    """
     return _nest({p.path: jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype)) for p in param_table(self.config)})
 
   def init(self, key: jax.Array, dtype: Any = jnp.float32, *, stddev: float = 0.02) -> Params:
@@ -157,7 +171,15 @@ class Decoder:
 
   @property
   def layout(self) -> dict[str, KernelLayout]:
-    """``{path: jlora.KernelLayout}`` of every linear kernel and the embedding (for ``jlora.init``)."""
+    """``{path: jlora.KernelLayout}`` of every linear kernel and the embedding (for ``jlora.init``).
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).layout["layers/self_attn/q_proj/kernel"]
+      KernelLayout(in_axes=(1,), batch_axes=(0,), embedding=False)
+    """
     out = {}
     for p in param_table(self.config):
       if p.kind == "embedding":
@@ -202,7 +224,15 @@ class Decoder:
 
   @property
   def module_map(self):
-    """A ``jlora.peft.ModuleMap`` naming each layer's Hugging Face module (PEFT export/import)."""
+    """A ``jlora.peft.ModuleMap`` naming each layer's Hugging Face module (PEFT export/import).
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).module_map.to_module("layers/self_attn/v_proj/kernel", (1,))
+      'model.layers.1.self_attn.v_proj'
+    """
     from jlora.peft import ModuleMap
 
     return ModuleMap(to_module=functools.partial(module_name, self.config),
@@ -315,7 +345,7 @@ class Decoder:
     if cache is not None:
       ck, cv = cache["k"], cache["v"]
     xs = (params["layers"], jnp.asarray(sliding), jnp.arange(cfg.num_layers, dtype=jnp.int32))
-    (x, ck, cv), _ = lax.scan(body, (x, ck, cv), xs)
+    (x, ck, cv), _ = lax.scan(body, (x, ck, cv), xs, unroll=cfg.num_layers if self.unroll_layers else 1)
     x = rms_norm(x, params["norm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, table)

@@ -119,7 +119,7 @@ def _placement(params_shapes: Params, mesh, sharding):
 
 def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | None = None,
          sharding: str | Sequence[tuple[str, Any]] | None = None, remat: str = "none",
-         attention: str = "auto") -> tuple[Decoder, Params]:
+         attention: str = "auto", unroll_layers: bool = False) -> tuple[Decoder, Params]:
   """Loads a Hugging Face causal-LM directory as ``(Decoder, params)``.
 
   Args:
@@ -131,7 +131,7 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
     mesh: place every parameter directly onto this mesh (no full copy on one device).
     sharding: a ``jlora.sharding`` preset name (``"fsdp"`` default with a mesh,
       ``"tp"``, ``"fsdp_tp"``, ``"replicated"``) or ordered ``(regex, PartitionSpec)`` rules.
-    remat, attention: passed to ``Decoder``.
+    remat, attention, unroll_layers: passed to ``Decoder``.
 
   Returns:
     ``(model, params)``.
@@ -152,7 +152,7 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
     (True, (2, 8))
   """
   cfg = read_config(directory)
-  model = Decoder(cfg, remat=remat, attention=attention)
+  model = Decoder(cfg, remat=remat, attention=attention, unroll_layers=unroll_layers)
   dtype = jnp.dtype(dtype)
   table = param_table(cfg)
   readers = _open_tensors(_weight_files(directory))

@@ -32,6 +32,9 @@ class Family:
   model: jlora.models.Decoder
   params: dict  # float32
 
+  def __post_init__(self):
+    self.forward = jax.jit(self.model.__call__)  # one compiled forward per family, shared by the tests
+
   def torch_logits(self, ids=IDS, **kwargs) -> np.ndarray:
     with torch.no_grad():
       return self.torch_model(torch.as_tensor(np.asarray(ids)), **kwargs).logits.float().numpy()

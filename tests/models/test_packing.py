@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from conftest import IDS
 @pytest.mark.parametrize("name", ["mistral", "gemma2"])  # sliding window; soft-capped XLA attention
 def test_packed_examples_do_not_see_each_other(family, name):
   f = family(name)
-  fwd = jax.jit(f.model.__call__)
+  fwd = f.forward
   lengths = [5, 4, 3]  # three examples packed into each 12-token row
   segments = jnp.asarray(np.repeat(np.arange(1, 4), lengths)[None].repeat(2, 0))
   packed = np.asarray(fwd(f.params, jnp.asarray(IDS), segment_ids=segments))
@@ -37,7 +39,7 @@ def test_packed_examples_do_not_see_each_other(family, name):
 @pytest.mark.parametrize("name", ["gemma3"])  # mixed local/global layers with their own RoPE
 def test_kv_cache_prefill_and_decode_equal_the_full_forward(family, name):
   f = family(name)
-  full = np.asarray(jax.jit(f.model.__call__)(f.params, jnp.asarray(IDS)))
+  full = np.asarray(f.forward(f.params, jnp.asarray(IDS)))
   step = jax.jit(lambda p, ids, cache: f.model(p, ids, cache=cache))
   cache = f.model.init_cache(2, 16)
   logits, cache = step(f.params, jnp.asarray(IDS[:, :8]), cache)  # prefill 8 (window 5 < 8)
@@ -53,3 +55,11 @@ def test_segment_ids_with_a_cache_is_an_error(family):
   f = family("llama2")
   with pytest.raises(ValueError, match="segment_ids cannot be used with a KV cache"):
     f.model(f.params, jnp.asarray(IDS), segment_ids=jnp.ones_like(jnp.asarray(IDS)), cache=f.model.init_cache(2, 16))
+
+
+def test_unrolled_layers_compute_the_same(family):
+  f = family("gemma3")  # mixed layer kinds: the per-layer selection must survive unrolling
+  unrolled = dataclasses.replace(f.model, unroll_layers=True)
+  want = np.asarray(f.forward(f.params, jnp.asarray(IDS)))
+  got = np.asarray(jax.jit(unrolled.__call__)(f.params, jnp.asarray(IDS)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())  # fusion order only

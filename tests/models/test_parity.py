@@ -23,7 +23,7 @@ def _rel_err(got, want) -> float:
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_logits_match_transformers(family, name):
   f = family(name)
-  fwd = jax.jit(f.model.__call__)
+  fwd = f.forward
   # float32 on both sides; summation orders differ, which moves 3-layer logits by ~1e-6 of their
   # scale. 1e-4 leaves room without hiding a bug: a wrong RoPE variant, norm, scale, window or
   # soft-cap moves them by more than 1e-2.

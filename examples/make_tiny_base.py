@@ -3,15 +3,19 @@
 Everything is offline and reproducible: the text is the Python documentation
 shipped with CPython (``pydoc_data.topics``), the tokenizer is a byte-level BPE
 trained on it with the ``tokenizers`` library, and the model is a 4-layer
-Llama-style causal LM (about 1M parameters, ~4 MB) trained from scratch with
-plain JAX + optax for a few minutes on 2 CPU cores.
+Llama-style causal LM (about 1M parameters, ~4 MB), ``jlora.models``' native
+decoder, trained from scratch with plain JAX + optax for a few minutes on 2 CPU
+cores.
 
   python examples/make_tiny_base.py                  # writes jlora/assets/tiny-base
   python examples/make_tiny_base.py --steps 200 --out /tmp/tb   # quicker, elsewhere
 
 The output directory is a regular Hugging Face model directory
-(``config.json``, ``flax_model.msgpack``, tokenizer files) that
-``transformers.FlaxLlamaForCausalLM.from_pretrained`` loads.
+(``config.json``, ``model.safetensors``, tokenizer files) that
+``jlora.models.load`` and ``transformers.AutoModelForCausalLM.from_pretrained`` load.
+(The bundled copy was trained by an earlier version of this script with
+transformers' FlaxLlamaForCausalLM and converted by
+``examples/convert_flax_checkpoint.py``: the same architecture; logits agree to 1e-6.)
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def main():
   ap.add_argument("--lr", type=float, default=3e-3)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args()
-  import transformers
   from tqdm import tqdm
+
+  import jlora.models
 
   texts = corpus()
   tokenizer = train_tokenizer(texts, args.vocab)
@@ -75,12 +80,14 @@ def main():
   train_ids, val_ids = ids[:-n_val], ids[-n_val:]
   print(f"corpus: {len(ids):,} tokens ({len(train_ids):,} train), vocab {len(tokenizer)}")
 
-  config = transformers.LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False)
-  model = transformers.FlaxLlamaForCausalLM(config, seed=args.seed)
-  params = model.params
+  config = jlora.models.ModelConfig.from_hf({
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tokenizer),
+      "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
+      "num_key_value_heads": 4, "head_dim": 32, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+      "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": eos, "eos_token_id": eos,
+      "pad_token_id": eos, "tie_word_embeddings": False})
+  model = jlora.models.Decoder(config)
+  params = model.init(jax.random.key(args.seed))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   warmup = min(100, args.steps // 10)
   sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr / 10)
@@ -88,7 +95,7 @@ def main():
   opt_state = tx.init(params)
 
   def loss_fn(p, batch):
-    logits = model(batch[:, :-1], params=p).logits
+    logits = model(p, batch[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
   @jax.jit
@@ -113,7 +120,7 @@ def main():
   print(f"params {n_params:,}; val loss {val:.3f} (ppl {np.exp(val):.1f}); {time.time() - t0:.0f}s")
 
   os.makedirs(args.out, exist_ok=True)
-  model.save_pretrained(args.out, params=params)
+  jlora.models.save(args.out, model, params)
   tokenizer.save_pretrained(args.out)
   with open(os.path.join(args.out, "pretraining.json"), "w") as f:
     json.dump({"source": "pydoc_data.topics (CPython stdlib)", "tokens": int(len(ids)),

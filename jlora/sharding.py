@@ -119,22 +119,33 @@ _ROW = r"(o_proj|down_proj|dense|fc2|out_proj)"
 
 
 def preset_rules(name: str, mesh: Mesh | None = None) -> list[tuple[str, P]]:
-  """Ordered (regex, PartitionSpec) rules for transformers' Flax causal LMs.
+  """Ordered (regex, PartitionSpec) rules for ``jlora.models`` and transformers' Flax causal LMs.
 
-  Presets: ``"fsdp"`` (every matrix split along its first axis over ``fsdp``),
-  ``"tp"`` (Megatron column/row parallel over ``tensor``), ``"fsdp_tp"`` (both),
-  ``"replicated"``. 1-D parameters (norms, biases) are replicated.
+  Presets: ``"fsdp"`` (every matrix split along its first axis over ``fsdp``;
+  for ``jlora.models``' stacked ``(layers, in, out)`` kernels the input axis, so
+  that the scan over layers never gathers the layer axis), ``"tp"`` (Megatron
+  column/row parallel over ``tensor``), ``"fsdp_tp"`` (both), ``"replicated"``.
+  1-D parameters (norms, biases) and per-layer norm scales are replicated;
+  column-parallel biases follow their kernels' output split.
   """
   del mesh
   f, t = "fsdp", "tensor"
   if name == "replicated":
     return [(r".*", P())]
   if name == "fsdp":
-    return [(r".*/(kernel|embedding)", P(f, None)), (r".*", P())]
+    # jlora.models' stacked (layers, in, out) kernels: split the input axis, never the layer axis.
+    return [(r"layers/.*/kernel", P(None, f, None)), (r".*/(kernel|embedding)", P(f, None)), (r".*", P())]
   if name not in ("tp", "fsdp_tp"):
     raise ValueError(f"unknown sharding preset {name!r}: use fsdp, tp, fsdp_tp or replicated")
   fs = f if name == "fsdp_tp" else None
   return [
+      # jlora.models (native decoder): stacked (layers, in, out) kernels and (layers, out) biases.
+      (rf"layers/(self_attn|mlp)/{_COLUMN}/kernel", P(None, fs, t)),
+      (rf"layers/(self_attn|mlp)/{_COLUMN}/bias", P(None, t)),
+      (rf"layers/(self_attn|mlp)/{_ROW}/kernel", P(None, t, fs)),
+      (r"layers/.*", P()),
+      (r"lm_head/kernel", P(fs, t)),
+      (r"embed_tokens/embedding", P(t, fs)),
       # GPT-2 Conv1D kernels, stored (out, in): c_attn/c_fc column-, c_proj row-parallel.
       (r".*/(c_attn|c_fc)/kernel", P(t, fs)),
       (r".*/c_proj/kernel", P(fs, t)),

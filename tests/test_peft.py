@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from jlora.finetune import model as model_lib  # noqa: E402
+from jlora.finetune import hf_flax  # noqa: E402
 
 # float32 on both sides; PyTorch and XLA order their sums differently, so logits of a
 # 2-layer model with O(1) values agree to ~1e-6; 2e-5 leaves room without hiding a bug
@@ -51,7 +51,8 @@ def setup(request, tmp_path_factory):
   tm = torch_model(arch)
   tm.save_pretrained(str(d), safe_serialization=True)
   transformers_tok_files(d)
-  loaded = model_lib.load(str(d))
+  # transformers' Flax classes (GPT-2 and Llama) as library interop, PyTorch weights converted on load.
+  loaded = hf_flax.load(str(d), bf16=False, remat=False, tokenizer=None, model_id=str(d))
   return arch, str(d), loaded
 
 

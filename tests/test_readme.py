@@ -13,3 +13,21 @@ def test_quickstart_runs():
   exec(compile(code, "README.md quickstart", "exec"), scope)
   assert scope["y"].shape == (4, 8)
   assert scope["jlora"].count(scope["lora_params"]).trainable == 4 * (16 + 64) + 4 * (64 + 8)
+
+
+def test_models_section_runs(tmp_path):
+  with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+    text = f.read()
+  section = text.split("## Models", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1).replace('"/tmp/', f'"{tmp_path}/')
+  scope: dict = {}
+  cwd = os.getcwd()
+  os.chdir(os.path.join(os.path.dirname(__file__), ".."))  # the snippet loads jlora/assets/tiny-base
+  try:
+    exec(compile(code, "README.md models", "exec"), scope)
+  finally:
+    os.chdir(cwd)
+  assert scope["logits"].shape == (1, 4, 1024)
+  assert len(scope["out"][0]) <= 8
+  assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+  assert (tmp_path / "merged" / "model.safetensors").exists()

@@ -29,7 +29,8 @@ class TrainConfig:
   """
 
   # -- model and data --
-  # Hugging Face model directory (Flax weights, or PyTorch safetensors converted on load);
+  # Hugging Face model directory (config.json + safetensors; Llama, Mistral, Qwen2/3 and Gemma
+  # run on jlora.models, other architectures on transformers 4.x Flax classes);
   # empty = the bundled tiny base model.
   model: str = ""
   # Training data: JSONL (prompt/completion, input/target, instruction/output, text) or .txt.
@@ -44,7 +45,8 @@ class TrainConfig:
   skip_bad_lines: bool = False
   # Tokens per sequence; longer examples are truncated (prompt first, from the left).
   max_seq_len: int = 48
-  # Concatenate examples into full max_seq_len rows (no padding waste).
+  # Concatenate examples into full max_seq_len rows (no padding waste); segment ids keep each
+  # example's attention and positions to itself.
   pack: bool = False
   # -- LoRA --
   # "all-linear", comma-separated module names ("q_proj,v_proj"), or a regex on parameter paths.
@@ -76,8 +78,8 @@ class TrainConfig:
   # -- compute --
   # Compute in bfloat16 and store the frozen base in bfloat16 (adapters stay float32).
   bf16: bool = False
-  # Recompute the forward pass's elementwise work in the backward pass, keeping only matmul
-  # outputs (jax.checkpoint, dots_with_no_batch_dims_saveable): less memory, more FLOPs.
+  # Rematerialise each layer in the backward pass, keeping only layer inputs (native models;
+  # others: the whole forward with dots_with_no_batch_dims_saveable): less memory, more FLOPs.
   remat: bool = False
   seed: int = 0
   # -- bookkeeping --

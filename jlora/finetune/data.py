@@ -89,6 +89,8 @@ class Tokenized:
   loss_mask: np.ndarray  # (n, max_len) float32: 1 where the token is predicted and trained on
   attention_mask: np.ndarray  # (n, max_len) int32
   truncated: int  # examples that had to be truncated
+  # (n, max_len) int32 example ids of packed rows (attention stays within an example); None unpacked.
+  segment_ids: np.ndarray | None = None
 
   def __len__(self) -> int:
     return self.ids.shape[0]
@@ -109,7 +111,12 @@ def encode(tokenizer, record: Record, *, chat_template: bool) -> tuple[list[int]
 
 def tokenize(records: Sequence[Record], tokenizer, *, max_len: int, pack: bool = False,
              chat_template: bool = False) -> Tokenized:
-  """Tokenises, truncates (prompt from the left, then the end) or packs, and pads."""
+  """Tokenises, truncates (prompt from the left, then the end) or packs, and pads.
+
+  Packed rows carry ``segment_ids`` (one id per example; an example cut by a row
+  boundary continues in the next row as its own segment), so that the model keeps
+  attention within each example and restarts positions at its first token.
+  """
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   rows, masks, truncated = [], [], 0
   for rec in records:
@@ -125,12 +132,16 @@ def tokenize(records: Sequence[Record], tokenizer, *, max_len: int, pack: bool =
   if pack:
     flat_ids = [t for r in rows for t in r]
     flat_mask = [m for r in masks for m in r]
+    flat_seg = [i + 1 for i, r in enumerate(rows) for _ in r]
     n = len(flat_ids) // max_len
     if n == 0:
       raise DataError(f"--pack: the data holds {len(flat_ids)} tokens, fewer than max_seq_len={max_len}")
     ids = np.asarray(flat_ids[: n * max_len], np.int32).reshape(n, max_len)
     lm = np.asarray(flat_mask[: n * max_len], np.float32).reshape(n, max_len)
-    return Tokenized(ids, lm, np.ones_like(ids), 0)
+    seg = np.asarray(flat_seg[: n * max_len], np.int32).reshape(n, max_len)
+    # The first token of an example cannot be predicted from the one before it (another example).
+    lm[:, 1:] *= seg[:, 1:] == seg[:, :-1]
+    return Tokenized(ids, lm, np.ones_like(ids), 0, seg)
   ids = np.full((len(rows), max_len), pad, np.int32)
   lm = np.zeros((len(rows), max_len), np.float32)
   am = np.zeros((len(rows), max_len), np.int32)
@@ -176,8 +187,11 @@ class Batches:
   def get(self, step: int) -> dict[str, np.ndarray]:
     """This process's part of step ``step``'s batch, shaped ``(grad_accum, rows, max_len)``."""
     idx = self.indices(step)
-    return {
+    batch = {
         "ids": self.data.ids[idx],
         "loss_mask": self.data.loss_mask[idx],
         "attention_mask": self.data.attention_mask[idx],
     }
+    if self.data.segment_ids is not None:
+      batch["segment_ids"] = self.data.segment_ids[idx]
+    return batch

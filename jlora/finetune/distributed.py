@@ -44,29 +44,34 @@ def initialize(cfg: TrainConfig) -> None:
   _initialized = True
 
 
-def make_mesh_and_shardings(cfg: TrainConfig, params: Any):
-  """Returns ``(mesh, place)``: the device mesh (None on one device) and a function that
-  puts a base parameter tree onto it with the configured sharding preset."""
+def make_mesh(cfg: TrainConfig):
+  """The device mesh of the run (``--mesh``; all devices on ``fsdp``), or None on one device."""
   if jax.device_count() == 1 and not cfg.mesh:
-    return None, lambda p: p
+    return None
   from jlora import sharding
 
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.preset_rules(cfg.sharding, mesh)
+  return sharding.make_mesh(cfg.mesh)
 
-  def place(p):
-    specs = sharding.partition_specs(p, rules)
-    return sharding.put(p, specs, mesh)
 
-  return mesh, place
+def place(params: Any, cfg: TrainConfig, mesh) -> Any:
+  """Puts a base parameter tree onto ``mesh`` with the configured sharding preset (identity without one)."""
+  if mesh is None:
+    return params
+  from jlora import sharding
+
+  specs = sharding.partition_specs(params, sharding.preset_rules(cfg.sharding, mesh))
+  return sharding.put(params, specs, mesh)
 
 
 def init_adapters(key, base_params, lora_cfg: jlora.LoraConfig, layout, mesh):
-  """``jlora.init`` — on a mesh, adapters are created already sharded like their kernels."""
-  if mesh is None:
-    return jlora.init(key, base_params, lora_cfg, layout=layout)
+  """``jlora.init`` as one compiled program (eagerly each factor shape compiles its own random
+  kernel); on a mesh the adapters are created already sharded like their kernels."""
   from jlora import sharding
 
+  if mesh is None:
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
+    adapters = jax.jit(lambda k: jlora.split(jlora.init(k, shapes, lora_cfg, layout=layout))[0])(key)
+    return sharding.attach_base(adapters, base_params)
   return sharding.init_sharded(key, base_params, lora_cfg, mesh, layout=layout)
 
 

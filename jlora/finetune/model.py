@@ -1,31 +1,90 @@
-"""Loading a Hugging Face causal LM (Flax classes of transformers 4.x) and its tokenizer."""
+"""Loading the base model and tokenizer for the fine-tuning and generation commands.
+
+Llama, Mistral, Qwen2/3 and Gemma 1/2/3 checkpoints run on ``jlora.models``'
+native decoder (safetensors, no transformers model class); the tokenizer comes
+from ``transformers.AutoTokenizer`` (4.57 or 5.x). Other architectures (GPT-2,
+GPT-J, OPT, ...) fall back to transformers 4.x's Flax classes when those are
+installed (``jlora.finetune.hf_flax``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jlora
+import jlora.models
+from jlora.peft import ModuleMap
+
+# Prompts generated per compiled batch in exact-match evaluation (rows padded to a multiple of 8).
+GENERATE_BATCH = 64
 
 
 @dataclasses.dataclass
 class LoadedModel:
-  model: Any  # transformers Flax model, loaded with _do_init=False (weights live in .params below)
+  """A base model ready for LoRA: parameters, forward function, layouts, module names."""
+
+  model: Any  # a jlora.models.Decoder (native) or a transformers Flax model (legacy)
   params: Any  # base parameters (the frozen W0 live here)
   tokenizer: Any
   model_id: str  # what the user passed, or the bundled default's name
-  forward: Callable  # (params, ids, attention_mask) -> logits
+  forward: Callable  # (params, ids, attention_mask, segment_ids=None) -> logits
+  layout: dict[str, jlora.KernelLayout]  # kernel layouts for jlora.init
+  module_map: ModuleMap  # parameter paths <-> PyTorch module names (PEFT)
+  model_type: str
+  native: bool = True
+  # Legacy only: generation and merged export through transformers' Flax classes.
+  _generate: Callable | None = None
+  _save: Callable | None = None
+
+  def resolve_targets(self, targets: str) -> str:
+    """``--targets`` -> regex: ``all-linear`` (not lm_head/embeddings, like PEFT), module names, or a regex."""
+    if self.native:
+      return self.model.targets(targets)
+    from jlora.finetune import hf_flax
+
+    return hf_flax.resolve_targets(targets, self.layout)
+
+  def generate(self, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Greedy (or sampled) continuations of token-id prompts, EOS excluded; adapters served unmerged."""
+    tok = self.tokenizer
+    if not self.native:
+      return self._generate(params, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    key = jax.random.key(seed)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), GENERATE_BATCH):
+      chunk = [list(p) for p in prompts[start:start + GENERATE_BATCH]]
+      n = len(chunk)
+      filler = [[tok.pad_token_id]] * (-n % 8)  # a few compiled batch sizes only
+      key, sub = jax.random.split(key)
+      res = jlora.models.generate(self.model, params, chunk + filler, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                  key=sub)
+      out.extend(res[:n])
+    return out
+
+  def save_pretrained(self, directory: str, params: Any) -> str:
+    """Writes ``params`` (plain, e.g. merged) as a Hugging Face model directory with the tokenizer."""
+    if self.native:
+      jlora.models.save(directory, self.model, params)
+    else:
+      self._save(directory, params)
+    self.tokenizer.save_pretrained(directory)
+    return directory
 
 
 def _quiet_transformers():
+  # transformers 5 announces at import that PyTorch is absent (jlora needs only its tokenizers).
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
   try:
     from transformers.utils import logging as hf_logging
@@ -35,72 +94,61 @@ def _quiet_transformers():
     pass
 
 
-def load(model_dir: str, *, bf16: bool = False, model_id: str | None = None) -> LoadedModel:
-  """Loads a causal LM directory: Flax weights, or PyTorch safetensors converted on load.
-
-  Raises:
-    FileNotFoundError: the directory or its weights are missing.
-  """
+def load_tokenizer(model_dir: str):
+  """``AutoTokenizer`` of ``model_dir`` with a pad token (EOS when the tokenizer has none)."""
   _quiet_transformers()
   import transformers
 
-  if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"--model {model_dir!r} is not a directory (offline: a local Hugging Face "
-                            "model directory with config.json and weights is needed)")
-  files = set(os.listdir(model_dir))
-  if "flax_model.msgpack" in files or any(f.startswith("flax_model") for f in files):
-    from_pt = False
-  elif {"model.safetensors", "pytorch_model.bin"} & files or any(
-      f.startswith("model-") and f.endswith(".safetensors") for f in files):
-    from_pt = True
-  else:
-    raise FileNotFoundError(f"{model_dir!r} holds no flax_model.msgpack, model.safetensors or "
-                            "pytorch_model.bin")
-  # _do_init=False: the model object does not keep its own copy of the weights.
-  kwargs = {"dtype": jnp.bfloat16} if bf16 else {}
-  if from_pt:  # the PyTorch -> Flax conversion needs an initialised model; keep only its weights
-    converted = transformers.FlaxAutoModelForCausalLM.from_pretrained(model_dir, from_pt=True, **kwargs)
-    params = converted.params
-    model = type(converted)(converted.config, _do_init=False, **kwargs)
-    del converted
-  else:
-    model, params = transformers.FlaxAutoModelForCausalLM.from_pretrained(
-        model_dir, _do_init=False, **kwargs)
-  if bf16:
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                          params)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
-
-  def forward(p, ids, attention_mask):
-    return model(ids, attention_mask=attention_mask, params=p).logits
-
-  return LoadedModel(model, params, tokenizer, model_id or model_dir, forward)
+  return tokenizer
 
 
-def resolve_targets(targets: str, layout: dict[str, jlora.KernelLayout]) -> str:
-  """Turns the --targets option into a regex over parameter paths.
+def model_type_of(model_dir: str) -> str | None:
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--model {model_dir!r} has no config.json (a Hugging Face model directory is needed)")
+  with open(path) as f:
+    return json.load(f).get("model_type")
 
-  ``all-linear`` means every matmul kernel except the output projection
-  (``lm_head``) and embeddings, like PEFT; a comma-separated list of module
-  names means those modules (``q_proj,v_proj``); anything else is a regex.
+
+def load(model_dir: str, *, bf16: bool = False, remat: bool = False, model_id: str | None = None,
+         mesh: jax.sharding.Mesh | None = None, sharding: str | None = None) -> LoadedModel:
+  """Loads a causal-LM directory: natively for supported families, else via transformers' Flax classes.
+
+  Args:
+    model_dir: a Hugging Face model directory.
+    bf16: parameters and compute in bfloat16.
+    remat: per-layer rematerialisation (native: each layer keeps only its input).
+    model_id: the name recorded in checkpoints (default: ``model_dir``).
+    mesh, sharding: place the native parameters directly onto a device mesh with a
+      ``jlora.sharding`` preset.
+
+  Raises:
+    FileNotFoundError: the directory, its config or its weights are missing.
+    ValueError: an architecture neither the native decoder nor an installed
+      transformers Flax class can run.
   """
-  if targets == "all-linear":
-    paths = [p for p, lay in layout.items()
-             if not lay.embedding and "lm_head" not in p.split("/") and p.endswith("/kernel")]
-    if not paths:
-      raise ValueError("--targets all-linear found no linear kernels in this model")
-    return "|".join(re.escape(p) for p in paths)
-  if re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", targets):
-    names = targets.split(",")
-    return rf".*/({'|'.join(names)})/kernel"
-  return targets
+  if not os.path.isdir(model_dir):
+    raise FileNotFoundError(f"--model {model_dir!r} is not a directory (offline: a local Hugging Face "
+                            "model directory with config.json and weights is needed)")
+  model_type = model_type_of(model_dir)
+  tokenizer = load_tokenizer(model_dir)
+  model_id = model_id or model_dir
+  if model_type not in jlora.models.SUPPORTED_MODEL_TYPES:
+    from jlora.finetune import hf_flax
 
+    return hf_flax.load(model_dir, bf16=bf16, remat=remat, tokenizer=tokenizer, model_id=model_id)
+  model, params = jlora.models.load(model_dir, dtype="bfloat16" if bf16 else "float32",
+                                    remat="full" if remat else "none", mesh=mesh,
+                                    sharding=sharding if mesh is not None else None)
 
-def example_inputs(tokenizer, seq_len: int = 8):
-  ids = jnp.zeros((1, seq_len), jnp.int32)
-  return ids, jnp.ones_like(ids)
+  def forward(p, ids, attention_mask, segment_ids=None):
+    return model(p, ids, attention_mask=attention_mask, segment_ids=segment_ids)
+
+  return LoadedModel(model=model, params=params, tokenizer=tokenizer, model_id=model_id, forward=forward,
+                     layout=model.layout, module_map=model.module_map, model_type=model_type)
 
 
 def base_bytes(params) -> int:
@@ -108,13 +156,6 @@ def base_bytes(params) -> int:
 
 
 def save_pretrained(loaded: LoadedModel, directory: str, params) -> str:
-  """Writes ``params`` as a Hugging Face model directory (Flax weights, config, tokenizer).
+  """``loaded.save_pretrained(directory, params)`` (kept as a function for scripts)."""
+  return loaded.save_pretrained(directory, params)
 
-  ``config.dtype`` is set from the weights: transformers 4.57 otherwise records a
-  Flax compute dtype as the unloadable string ``"numpy"``.
-  """
-  leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
-  loaded.model.config.dtype = np.dtype(leaves[0].dtype).name if leaves else "float32"
-  loaded.model.save_pretrained(directory, params=params)
-  loaded.tokenizer.save_pretrained(directory)
-  return directory

@@ -41,10 +41,13 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def token_loss_fn(forward, *, remat: bool):
+  """Summed token cross-entropy and token count; ``remat`` checkpoints the whole loss (legacy models:
+  the native decoder rematerialises per layer itself)."""
   wrapped = jlora.wrap(forward)
 
   def token_loss(adapters, frozen, mb, key):
-    logits = wrapped(jlora.combine(adapters, frozen), mb["ids"], mb["attention_mask"], lora_rng=key)
+    logits = wrapped(jlora.combine(adapters, frozen), mb["ids"], mb["attention_mask"], mb.get("segment_ids"),
+                     lora_rng=key)
     logits = logits[:, :-1].astype(jnp.float32)
     mask = mb["loss_mask"][:, 1:]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["ids"][:, 1:])
@@ -105,15 +108,12 @@ def make_eval(forward):
 def exact_match(loaded, params, records: list[data_lib.Record], *, chat_template: bool,
                 max_new_tokens: int) -> tuple[float, list[dict]]:
   """Share of records whose greedy completion equals the reference (whitespace-stripped)."""
-  from jlora.generate import generate_ids
-
   tok = loaded.tokenizer
   prompts = []
   for r in records:
     ids, mask = data_lib.encode(tok, r, chat_template=chat_template)
     prompts.append(ids[: mask.index(1)])
-  outs = generate_ids(loaded.model, params, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                      max_new_tokens=max_new_tokens)
+  outs = loaded.generate(params, prompts, max_new_tokens=max_new_tokens)
   rows = []
   for r, o in zip(records, outs):
     text = tok.decode(o, skip_special_tokens=True)
@@ -135,8 +135,7 @@ def _export_peft(directory: str, lora_params, loaded, base: str, say) -> str | N
   from jlora import peft as peft_lib
 
   try:
-    return peft_lib.save(directory, lora_params, base_model_name_or_path=base,
-                           model_type=getattr(loaded.model.config, "model_type", None))
+    return peft_lib.save(directory, lora_params, base_model_name_or_path=base, module_map=loaded.module_map)
   except (ValueError, peft_lib.PeftFormatError) as e:
     say(f"PEFT export skipped: {e}")
     return None
@@ -173,8 +172,13 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
   t_start = time.time()
 
-  loaded = model_lib.load(cfg.model_dir, bf16=cfg.bf16, model_id=cfg.model or "jlora/tiny-base (bundled)")
+  mesh = distributed.make_mesh(cfg)
+  loaded = model_lib.load(cfg.model_dir, bf16=cfg.bf16, remat=cfg.remat, model_id=cfg.model or "jlora/tiny-base (bundled)",
+                          mesh=mesh, sharding=cfg.sharding)
   tok = loaded.tokenizer
+  if not loaded.native:
+    say(f"model: {loaded.model_type!r} is not a native jlora.models family; running transformers' Flax class"
+        + (" (--pack: attention crosses example boundaries)" if cfg.pack else ""))
   records, skipped = data_lib.load_records(cfg.data_path, skip_bad_lines=cfg.skip_bad_lines)
   if skipped:
     say(f"data: skipped {skipped} malformed lines of {cfg.data_path}")
@@ -191,13 +195,12 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   if train_tok.truncated:
     say(f"data: {train_tok.truncated} training examples truncated to max_seq_len={cfg.max_seq_len}")
 
-  mesh, shard = distributed.make_mesh_and_shardings(cfg, loaded.params)
-  base_params = shard(loaded.params)
-  ex_ids, ex_mask = model_lib.example_inputs(tok)
-  layout = jlora.infer_layout(loaded.forward, base_params, ex_ids, ex_mask)
+  # Native parameters were placed on the mesh while loading; legacy ones are placed now.
+  base_params = loaded.params if loaded.native else distributed.place(loaded.params, cfg, mesh)
+  layout = loaded.layout
   lora_cfg = jlora.LoraConfig(
       rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.lora_dropout, init=cfg.init,
-      targets=model_lib.resolve_targets(cfg.targets, layout), exclude=cfg.exclude or ())
+      targets=loaded.resolve_targets(cfg.targets), exclude=cfg.exclude or ())
   lora_params = distributed.init_adapters(jax.random.key(cfg.seed), base_params, lora_cfg, layout, mesh)
   counts = jlora.count(lora_params)
   say(f"model: {loaded.model_id} | {counts}")
@@ -244,7 +247,8 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
       before = json.load(f)
   say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
-  step_fn = make_train_step(loaded.forward, tx, remat=cfg.remat, use_dropout=cfg.lora_dropout > 0)
+  step_fn = make_train_step(loaded.forward, tx, remat=cfg.remat and not loaded.native,
+                            use_dropout=cfg.lora_dropout > 0)
   log = MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main_process)
   log.truncate_after(start)
   bar = None
@@ -314,12 +318,8 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
     summary["peft_dir"] = _export_peft(os.path.join(out, "peft"), host_lp, loaded,
                                        cfg.model or os.path.abspath(cfg.model_dir), say)
     if cfg.save_merged:
-      from jlora import hf as hf_lib
-
       merged_dir = os.path.join(out, "merged")
-      merged = jlora.merge(host_lp)
-      model_lib.save_pretrained(loaded, merged_dir, merged)  # Flax weights
-      hf_lib.save_pretrained_torch(merged_dir, merged, loaded.model.config)  # + PyTorch safetensors
+      loaded.save_pretrained(merged_dir, jlora.merge(host_lp))  # HF safetensors (+ tokenizer)
       summary["merged_dir"] = merged_dir
     with open(os.path.join(out, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

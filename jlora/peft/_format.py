@@ -195,8 +195,11 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
     params: the Flax base parameters.
     module_map: Flax path <-> torch module names (default: built-in for ``model_type``).
     model_type: transformers ``config.model_type``.
-    layout: optional ``jlora.infer_layout`` result; overrides ``module_map``'s
-      orientation knowledge for the kernels it lists.
+    layout: optional ``jlora.infer_layout`` result (or a model's own layout);
+      overrides ``module_map``'s orientation knowledge for the kernels it lists.
+      Kernels stacked along batch axes (scanned layers) are filled slice by
+      slice from the modules ``module_map.to_module(path, index)`` names; slices
+      the adapter does not cover keep A = B = 0.
 
   Raises:
     PeftFormatError: an unsupported PEFT feature, a tensor that matches no base
@@ -214,15 +217,19 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
   tensors = load_file(wpath)
   mm = module_map or ModuleMap.for_model_type(model_type)
 
-  candidates: dict[str, tuple[str, Any]] = {}
+  candidates: dict[str, tuple[str, Any, tuple[int, ...]]] = {}
   for path, leaf in leaves_with_paths(params, is_leaf=is_lora_weight):
     if is_lora_weight(leaf):
       raise PeftFormatError(f"{path!r} already holds an adapter; load onto plain base params")
     if len(getattr(leaf, "shape", ())) >= 2 and path.rsplit("/", 1)[-1] in ("kernel", "embedding"):
-      try:
-        candidates[mm.to_module(path, ())] = (path, leaf)
-      except ValueError:
-        continue
+      # Stacked (scanned) kernels: one torch module per index of their batch axes.
+      lay = (layout or {}).get(path)
+      batch = lay.normalized(len(leaf.shape)).batch_axes if lay is not None else ()
+      for idx in itertools.product(*(range(leaf.shape[a]) for a in batch)):
+        try:
+          candidates[mm.to_module(path, idx)] = (path, leaf, idx)
+        except ValueError:
+          break
 
   parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   for key, value in tensors.items():
@@ -232,13 +239,14 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
     parts[m.group("module")][m.group("kind")] = value
 
   use_rslora = bool(config.get("use_rslora", False))
-  replacements: dict[str, LoraWeight] = {}
+  # path -> (spec, A, B, module of the first slice) assembled from each module's slice
+  built: dict[str, tuple[LoraSpec, np.ndarray, np.ndarray, str]] = {}
   for module, kinds in sorted(parts.items()):
     if module not in candidates:
       near = [c for c in candidates if c.endswith(module.split(".")[-1])][:3]
       raise PeftFormatError(f"{wpath}: module {module!r} matches no Flax parameter"
                             + (f" (similar: {near})" if near else "") + "; pass the right model_type or a ModuleMap")
-    path, leaf = candidates[module]
+    path, leaf, idx = candidates[module]
     embedding = "lora_embedding_A" in kinds
     a_t = kinds.get("lora_embedding_A" if embedding else "lora_A")
     b_t = kinds.get("lora_embedding_B" if embedding else "lora_B")
@@ -259,9 +267,22 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
       raise PeftFormatError(
           f"{wpath}: {module!r}: A {a_t.shape} / B {b_t.shape} do not fit Flax parameter {path!r} of shape "
           f"{spec.shape} (expected A ({r}, {in_prod}) and B ({out_prod}, {r}))")
-    a = np.ascontiguousarray(a_t.T).reshape(spec.a_shape).astype(np.float32)
-    b = np.ascontiguousarray(b_t.T).reshape(spec.b_shape).astype(np.float32)
-    replacements[path] = LoraWeight(leaf, jax.numpy.asarray(a), jax.numpy.asarray(b), spec)
+    if path not in built:
+      built[path] = (spec, np.zeros(spec.a_shape, np.float32), np.zeros(spec.b_shape, np.float32), module)
+    first_spec, a, b, first = built[path]
+    if first_spec != spec:
+      raise PeftFormatError(
+          f"{wpath}: {module!r} and {first!r} are slices of the stacked parameter {path!r} but have different "
+          f"ranks or alphas ({r}/{alpha} vs {first_spec.rank}/{first_spec.alpha}); a stacked kernel needs one "
+          "rank and alpha for all its layers.")
+    nb = len(spec.batch_axes)
+    a[idx] = np.ascontiguousarray(a_t.T).reshape(spec.a_shape[nb:])
+    b[idx] = np.ascontiguousarray(b_t.T).reshape(spec.b_shape[nb:])
+
+  # Slices of a stacked kernel that the PEFT adapter does not cover (layers_to_transform)
+  # keep A = B = 0: exactly the base there.
+  replacements = {path: LoraWeight(candidates[first][1], jax.numpy.asarray(a), jax.numpy.asarray(b), spec)
+                  for path, (spec, a, b, first) in built.items()}
 
   def replace(p, leaf):
     return replacements.get(path_str(p), leaf)

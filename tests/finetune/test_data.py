@@ -95,6 +95,14 @@ def test_packing_fills_rows():
   t = data_lib.tokenize(recs, tok, max_len=8, pack=True)
   assert t.ids.shape == (3, 8) and t.attention_mask.all()
   assert t.loss_mask.reshape(-1).tolist()[:10] == [0, 0, 1, 1, 1, 0, 0, 1, 1, 1]
+  # One segment id per example (attention stays inside it); a row boundary starts a new segment.
+  assert t.segment_ids.reshape(-1).tolist()[:12] == [1] * 5 + [2] * 5 + [3, 3]
+  assert t.segment_ids[1].tolist() == [2, 2, 3, 3, 3, 3, 3, 4]
+  # Text records: the first token of an example is never a target predicted from the one before.
+  plain = data_lib.tokenize([data_lib.Record("", "abc")] * 4, tok, max_len=8, pack=True)
+  assert plain.loss_mask[0].tolist() == [1, 1, 1, 1, 0, 1, 1, 1]
+  batch = data_lib.Batches(t, batch_size=1, grad_accum=1, seed=0).get(0)
+  assert batch["segment_ids"].shape == (1, 1, 8)
 
 
 def test_chat_template_requires_one():

@@ -31,7 +31,11 @@ def test_bf16_remat_run(tmp_path):
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
   meta = jlora.read_adapter_metadata(str(tmp_path / "out" / "adapter"))
   assert {a["dtype"] for a in meta["adapters"].values()} == {"float32"}  # adapters stay float32
-  merged = model_lib.load(str(tmp_path / "out" / "merged"))
+  from safetensors import safe_open
+
+  with safe_open(str(tmp_path / "out" / "merged" / "model.safetensors"), framework="numpy") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # written as bfloat16
+  merged = model_lib.load(str(tmp_path / "out" / "merged"), bf16=True)
   assert {x.dtype for x in jax.tree.leaves(merged.params)} == {jnp.dtype("bfloat16")}
   assert summary["base_model_bytes"] == sum(x.size * 2 for x in jax.tree.leaves(merged.params))
   with open(tmp_path / "out" / "metrics.jsonl") as f:

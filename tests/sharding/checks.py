@@ -142,6 +142,38 @@ def check_checkpoint_onto_other_mesh(tmp):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def check_native_load_onto_mesh(tmp):
+  """jlora.models.load places each stacked parameter directly; a LoRA step matches one device."""
+  import jlora.models
+
+  cfg = jlora.models.ModelConfig.from_hf({
+      "model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4})
+  model = jlora.models.Decoder(cfg)
+  d = jlora.models.save(os.path.join(tmp, "native"), model, model.init(jax.random.key(0)))
+  model, params = jlora.models.load(d)
+  lcfg = jlora.LoraConfig(rank=8, targets=model.targets("all-linear"))
+  fwd = lambda p, x: model(p, x)
+  ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 256)
+  ref, ref_loss = _train(jlora.init(jax.random.key(0), params, lcfg, layout=model.layout), fwd, ids)
+  for preset, shape in (("fsdp", "fsdp=8"), ("fsdp_tp", "data=2,fsdp=2,tensor=2")):
+    mesh = jsh.make_mesh(shape)
+    _, base = jlora.models.load(d, mesh=mesh, sharding=preset)
+    q = base["layers"]["self_attn"]["q_proj"]
+    fs = "fsdp" if preset == "fsdp_tp" or preset == "fsdp" else None
+    # The layer axis is never split: the scan slices whole layers.
+    assert q["kernel"].sharding.spec == (P(None, "fsdp", None) if preset == "fsdp" else P(None, fs, "tensor"))
+    if preset == "fsdp_tp":
+      assert q["bias"].sharding.spec == P(None, "tensor")
+      assert base["layers"]["mlp"]["down_proj"]["kernel"].sharding.spec == P(None, "tensor", "fsdp")
+      assert base["embed_tokens"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    lp = jsh.init_sharded(jax.random.key(0), base, lcfg, mesh, layout=model.layout)
+    out, loss = _train(lp, fwd, jax.device_put(ids, NamedSharding(mesh, P(jsh.DATA_AXES, None))))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
 if __name__ == "__main__":
   globals()[f"check_{sys.argv[1]}"](sys.argv[2] if len(sys.argv) > 2 else "/tmp")
   print("OK")

@@ -1,0 +1,387 @@
+"""``Decoder``: one parametric decoder-only transformer for every supported family.
+
+Parameters are plain nested dicts; per-layer parameters are stacked along a
+leading layer axis and the layers run under ``jax.lax.scan`` (compile time
+does not grow with depth), optionally with per-layer rematerialisation. LoRA
+kernels reach their matmuls only through the scan's slicing, so
+``jlora.wrap(model)`` serves them (see ``docs/models.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jlora._config import KernelLayout
+from jlora.models import attention as attn_lib
+from jlora.models import rope as rope_lib
+from jlora.models.config import ModelConfig
+from jlora.models.names import LINEAR_MODULES, module_name, param_table
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+REMAT_POLICIES = ("none", "full", "dots")
+_ACT = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, plus_one: bool) -> jax.Array:
+  """RMSNorm in float32; Llama-style ``w * norm(x)`` or Gemma-style ``norm(x) * (1 + w)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jlora.models.decoder import rms_norm
+    >>> [round(float(v), 4) for v in rms_norm(jnp.array([3.0, 4.0]), jnp.ones(2), eps=0.0, plus_one=False)]
+    [0.8485, 1.1314]
+  """
+  xf = x.astype(jnp.float32)
+  xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  if plus_one:  # transformers' Gemma: (x * (1 + w)) in float32, then cast
+    return (xf * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+  return (scale * xf.astype(x.dtype)).astype(x.dtype)  # Llama: cast first, then scale
+
+
+def _linear(x: jax.Array, p: Params) -> jax.Array:
+  y = jnp.matmul(x, p["kernel"])
+  return y + p["bias"] if "bias" in p else y
+
+
+def _nest(flat: dict[str, Any]) -> Params:
+  out: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def default_positions(batch: int, length: int, *, attention_mask: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+  """Positions when none are given: per packed segment, else counted over real tokens.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jlora.models.decoder import default_positions
+    >>> default_positions(1, 5, segment_ids=jnp.array([[1, 1, 2, 2, 2]])).tolist()
+    [[0, 1, 0, 1, 2]]
+  """
+  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if segment_ids is not None:
+    seg = jnp.asarray(segment_ids)
+    first = jnp.concatenate([jnp.ones((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return idx - lax.cummax(jnp.where(first, idx, 0), axis=1)
+  if attention_mask is not None:
+    return jnp.maximum(jnp.cumsum(jnp.asarray(attention_mask).astype(jnp.int32), axis=1) - 1, 0)
+  return idx
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """A decoder-only LM: ``logits = model(params, input_ids)``.
+
+  Frozen and hashable (a valid static ``jit`` argument / cache key).
+
+  Attributes:
+    config: the ``ModelConfig``.
+    remat: per-layer rematerialisation: ``"none"``; ``"full"`` (keep only each
+      layer's input, recompute the rest in the backward pass); ``"dots"``
+      (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``: keep the
+      projection outputs, recompute norms, activations and attention).
+    attention: ``"auto"`` (cuDNN on GPU where allowed, else XLA), ``"xla"``, ``"cudnn"``.
+    unroll_layers: compile the layer scan fully unrolled. XLA then fuses across layer
+      boundaries (on CPU a LoRA step of a 768-wide model ran ~15% faster), but trace and
+      compile time grow with depth again; the default keeps them flat.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jlora.models import Decoder, ModelConfig
+    >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+    ...                             "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+    >>> model = Decoder(cfg)
+    >>> params = model.init(jax.random.key(0))
+    >>> model(params, jnp.array([[1, 2, 3]])).shape
+    (1, 3, 64)
+  """
+
+  config: ModelConfig
+  remat: str = dataclasses.field(default="none", kw_only=True)
+  attention: str = dataclasses.field(default="auto", kw_only=True)
+  unroll_layers: bool = dataclasses.field(default=False, kw_only=True)
+
+  def __post_init__(self):
+    if not isinstance(self.config, ModelConfig):
+      raise ValueError(f"Decoder.config must be a jlora.models.ModelConfig, got {type(self.config).__name__}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Decoder.remat must be one of {REMAT_POLICIES}, got {self.remat!r}.")
+    if not isinstance(self.unroll_layers, bool):
+      raise ValueError(f"Decoder.unroll_layers must be a bool, got {self.unroll_layers!r}.")
+    if self.attention not in attn_lib.IMPLEMENTATIONS:
+      raise ValueError(f"Decoder.attention must be one of {attn_lib.IMPLEMENTATIONS}, got {self.attention!r}.")
+
+  # -- parameters --------------------------------------------------------------------------
+
+  def shapes(self, dtype: Any = jnp.float32) -> Params:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (for ``eval_shape`` / sizing).
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).shapes()["layers"]["mlp"]["down_proj"]["kernel"].shape
+      (2, 48, 32)
+    """
+    return _nest({p.path: jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype)) for p in param_table(self.config)})
+
+  def init(self, key: jax.Array, dtype: Any = jnp.float32, *, stddev: float = 0.02) -> Params:
+    """Random parameters: kernels and embeddings ~ N(0, stddev²), norms neutral, biases zero.
+
+    Example:
+      >>> import jax
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "gemma2", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8})
+      >>> float(Decoder(cfg).init(jax.random.key(0))["norm"]["scale"].sum())  # Gemma scales by 1 + w
+      0.0
+    """
+    table = param_table(self.config)
+    keys = jax.random.split(key, len(table))
+    flat = {}
+    for k, p in zip(keys, table):
+      if p.kind in ("kernel", "embedding"):
+        flat[p.path] = (stddev * jax.random.normal(k, p.shape, jnp.float32)).astype(dtype)
+      elif p.path.endswith("/scale") and not self.config.norm_plus_one:
+        flat[p.path] = jnp.ones(p.shape, dtype)
+      else:
+        flat[p.path] = jnp.zeros(p.shape, dtype)
+    return _nest(flat)
+
+  @property
+  def layout(self) -> dict[str, KernelLayout]:
+    """``{path: jlora.KernelLayout}`` of every linear kernel and the embedding (for ``jlora.init``).
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).layout["layers/self_attn/q_proj/kernel"]
+      KernelLayout(in_axes=(1,), batch_axes=(0,), embedding=False)
+    """
+    out = {}
+    for p in param_table(self.config):
+      if p.kind == "embedding":
+        out[p.path] = KernelLayout(in_axes=(0,), embedding=True)
+      elif p.kind == "kernel":
+        out[p.path] = KernelLayout(in_axes=(1,), batch_axes=(0,)) if p.stacked else KernelLayout(in_axes=(0,))
+    return out
+
+  def targets(self, spec: str) -> str:
+    """A ``--targets`` value -> regex over parameter paths.
+
+    ``"all-linear"``: every projection in the layers (not ``lm_head`` nor the
+    embedding, like PEFT); ``"q_proj,v_proj"``: those modules (``lm_head`` and
+    ``embed_tokens`` may be named too); anything else is returned as a regex.
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).targets("q_proj,v_proj")
+      'layers/(self_attn|mlp)/(q_proj|v_proj)/kernel'
+    """
+    if spec == "all-linear":
+      return f"layers/(self_attn|mlp)/({'|'.join(LINEAR_MODULES)})/kernel"
+    if re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", spec):
+      names = spec.split(",")
+      known = (*LINEAR_MODULES, "embed_tokens") + (() if self.config.tie_embeddings else ("lm_head",))
+      bad = [n for n in names if n not in known]
+      if bad:
+        raise ValueError(f"targets {spec!r}: {bad} are not modules of this {self.config.model_type} model; "
+                         f"known: {', '.join(known)} (or 'all-linear', or a regex over parameter paths).")
+      parts = []
+      layer_names = [n for n in names if n in LINEAR_MODULES]
+      if layer_names:
+        parts.append(f"layers/(self_attn|mlp)/({'|'.join(layer_names)})/kernel")
+      if "embed_tokens" in names:
+        parts.append("embed_tokens/embedding")
+      if "lm_head" in names:
+        parts.append("lm_head/kernel")
+      return "|".join(parts)
+    return spec
+
+  @property
+  def module_map(self):
+    """A ``jlora.peft.ModuleMap`` naming each layer's Hugging Face module (PEFT export/import).
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).module_map.to_module("layers/self_attn/v_proj/kernel", (1,))
+      'model.layers.1.self_attn.v_proj'
+    """
+    from jlora.peft import ModuleMap
+
+    return ModuleMap(to_module=functools.partial(module_name, self.config),
+                     tied_embedding="embed_tokens/embedding" if self.config.tie_embeddings else None)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated).
+
+    Example:
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> Decoder(cfg).init_cache(3, 16)["k"].shape
+      (2, 3, 16, 4, 8)
+    """
+    c = self.config
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch, max_len), bool), "positions": jnp.zeros((batch, max_len), jnp.int32),
+            "length": jnp.zeros((), jnp.int32), "next_position": jnp.zeros((batch,), jnp.int32)}
+
+  # -- forward -----------------------------------------------------------------------------
+
+  def __call__(self, params: Params, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               cache: Cache | None = None):
+    """Logits ``(B, T, vocab)`` in the parameters' dtype; ``(logits, new_cache)`` with a cache.
+
+    Args:
+      params: the parameter tree (``load`` / ``init``).
+      input_ids: ``(B, T)`` token ids.
+      attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding (left or right).
+      positions: ``(B, T)`` RoPE positions; default: counted over real tokens
+        (per segment with ``segment_ids``; continuing the cache with a cache).
+      segment_ids: ``(B, T)`` ids of packed examples: a token attends only to
+        earlier tokens with the same id (not with a cache).
+      cache: from ``init_cache`` or a previous call; the new tokens' keys and
+        values are written after the ``cache["length"]`` tokens already there.
+    """
+    cfg = self.config
+    ids = jnp.asarray(input_ids)
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}.")
+    b, t = ids.shape
+    table = params["embed_tokens"]["embedding"]
+    dtype = table.dtype
+    x = jnp.take(table, ids, axis=0)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
+    valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    if cache is None:
+      if positions is None:
+        positions = default_positions(b, t, attention_mask=attention_mask, segment_ids=segment_ids)
+      q_slots = jnp.arange(t)
+      k_slots, k_valid, k_pos = q_slots, valid, positions
+      start = None
+    else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids cannot be used with a KV cache (generation runs one example per row).")
+      start = cache["length"]
+      if positions is None:
+        positions = jnp.maximum(cache["next_position"][:, None] + jnp.cumsum(valid.astype(jnp.int32), 1) - 1, 0)
+      q_slots = start + jnp.arange(t)
+      k_slots = jnp.arange(cache["mask"].shape[1])
+      k_valid = lax.dynamic_update_slice(cache["mask"], valid, (0, start))
+      k_pos = lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, start))
+    positions = jnp.asarray(positions)
+    sliding = np.array([lt == "sliding_attention" for lt in cfg.layer_types])
+    common = dict(q_slots=q_slots, k_slots=k_slots, k_valid=k_valid, q_positions=positions, k_positions=k_pos,
+                  q_segments=segment_ids, k_segments=segment_ids)
+    masks = {False: attn_lib.make_mask(window=None, **common) if not sliding.all() else None,
+             True: attn_lib.make_mask(window=cfg.sliding_window, **common) if sliding.any() else None}
+    tables = {False: rope_lib.cos_sin(positions, *self._frequencies(local=False), dtype)}
+    tables[True] = (rope_lib.cos_sin(positions, *self._frequencies(local=True), dtype)
+                    if cfg.rope_local is not None and sliding.any() else tables[False])
+    mixed = bool(sliding.any() and not sliding.all())
+
+    def pick(options, flag):
+      if not mixed:
+        return options[bool(sliding[0])]
+      return jax.tree.map(lambda a, b_: jnp.where(flag, a, b_), options[True], options[False])
+
+    def layer(x, lp, flag, idx, ck, cv):
+      h = rms_norm(x, lp["input_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+      h, ck, cv = self._attention(h, lp["self_attn"], pick(tables, flag), pick(masks, flag), idx, start, ck, cv)
+      if cfg.sandwich_norms:
+        h = rms_norm(h, lp["post_attention_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+        x = x + h
+        h = rms_norm(x, lp["pre_feedforward_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+      else:
+        x = x + h
+        h = rms_norm(x, lp["post_attention_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+      m = lp["mlp"]
+      h = _linear(_ACT[cfg.activation](_linear(h, m["gate_proj"])) * _linear(h, m["up_proj"]), m["down_proj"])
+      if cfg.sandwich_norms:
+        h = rms_norm(h, lp["post_feedforward_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+      return x + h, ck, cv
+
+    if self.remat == "full":
+      layer = jax.checkpoint(layer, prevent_cse=False)
+    elif self.remat == "dots":
+      layer = jax.checkpoint(layer, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+    def body(carry, xs):
+      x, ck, cv = carry
+      lp, flag, idx = xs
+      return layer(x, lp, flag, idx, ck, cv), None
+
+    ck = cv = None
+    if cache is not None:
+      ck, cv = cache["k"], cache["v"]
+    xs = (params["layers"], jnp.asarray(sliding), jnp.arange(cfg.num_layers, dtype=jnp.int32))
+    (x, ck, cv), _ = lax.scan(body, (x, ck, cv), xs, unroll=cfg.num_layers if self.unroll_layers else 1)
+    x = rms_norm(x, params["norm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, table)
+    else:
+      logits = jnp.matmul(x, params["lm_head"]["kernel"])
+    if cfg.final_softcap is not None:
+      cap = jnp.asarray(cfg.final_softcap, logits.dtype)
+      logits = jnp.tanh(logits / cap) * cap
+    if cache is None:
+      return logits
+    last = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
+    new_cache = {"k": ck, "v": cv, "mask": k_valid, "positions": k_pos, "length": start + t,
+                 "next_position": jnp.maximum(cache["next_position"], last.astype(jnp.int32))}
+    return logits, new_cache
+
+  def _frequencies(self, *, local: bool) -> tuple[np.ndarray, float]:
+    cfg = self.config
+    rope = cfg.rope_local if local and cfg.rope_local is not None else cfg.rope
+    return rope_lib.inverse_frequencies(rope, cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings)
+
+  def _attention(self, h, a: Params, cos_sin, mask, idx, start, ck, cv):
+    cfg = self.config
+    b, t, _ = h.shape
+    q = _linear(h, a["q_proj"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = _linear(h, a["k_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = _linear(h, a["v_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      q = rms_norm(q, a["q_norm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+      k = rms_norm(k, a["k_norm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+    cos, sin = cos_sin
+    q, k = rope_lib.apply(q, cos, sin), rope_lib.apply(k, cos, sin)
+    if ck is not None:  # write this layer's new keys/values into the cache, attend over all of it
+      ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (idx, 0, start, 0, 0))
+      cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (idx, 0, start, 0, 0))
+      k = lax.dynamic_index_in_dim(ck, idx, 0, keepdims=False).astype(q.dtype)
+      v = lax.dynamic_index_in_dim(cv, idx, 0, keepdims=False).astype(q.dtype)
+    o = attn_lib.attend(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_softcap,
+                        implementation=self.attention)
+    return _linear(o.reshape(b, t, cfg.num_heads * cfg.head_dim), a["o_proj"]), ck, cv

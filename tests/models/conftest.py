@@ -1,0 +1,71 @@
+"""Shared fixtures: one tiny random PyTorch checkpoint per family, saved and loaded once per session."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import families  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import jlora  # noqa: E402
+import jlora.models  # noqa: E402
+
+# Two rows of 12 tokens (ids 3..95: no bos/eos/pad).
+IDS = np.random.default_rng(0).integers(3, families.COMMON["vocab_size"], (2, 12))
+
+
+@dataclasses.dataclass
+class Family:
+  name: str
+  torch_model: object  # transformers PyTorch model, float32, eval mode
+  directory: str  # its save_pretrained(safe_serialization=True) directory
+  model: jlora.models.Decoder
+  params: dict  # float32
+
+  def __post_init__(self):
+    self.forward = jax.jit(self.model.__call__)  # one compiled forward per family, shared by the tests
+
+  def torch_logits(self, ids=IDS, **kwargs) -> np.ndarray:
+    with torch.no_grad():
+      return self.torch_model(torch.as_tensor(np.asarray(ids)), **kwargs).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+  """``family(name)`` -> ``Family``, built once per test session (per xdist worker)."""
+  cache: dict[str, Family] = {}
+
+  def get(name: str) -> Family:
+    if name not in cache:
+      tm = families.torch_model(name)
+      d = families.save_torch(tm, tmp_path_factory.mktemp(name))
+      model, params = jlora.models.load(d)
+      cache[name] = Family(name, tm, d, model, params)
+    return cache[name]
+
+  return get
+
+
+def lora_init(f: Family, config, *, seed: int = 0, scale: float | None = None):
+  """``jlora.init`` (and optionally random non-zero factors) compiled as one program.
+
+  Eagerly, every differently shaped factor compiles its own random-number
+  kernel; one jitted call with XLA's RngBitGenerator keys keeps the tests fast.
+  """
+  from helpers import randomize
+
+  def make(params):
+    lp = jlora.init(jax.random.key(seed, impl="rbg"), params, config, layout=f.model.layout)
+    return lp if scale is None else randomize(lp, jax.random.key(seed + 1, impl="rbg"), scale=scale)
+
+  return jax.jit(make)(f.params)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora._weight import LoraSpec, LoraWeight
+from jlora._weight import LoraSpec, LoraWeight, describe_leaf
 
 _uid = itertools.count()
 
@@ -85,6 +85,10 @@ class LowRank:
   @classmethod
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
+
+  def __repr__(self) -> str:
+    return (f"LowRank(base={describe_leaf(self.base)}, a={describe_leaf(self.a)}, b={describe_leaf(self.b)}, "
+            f"path={getattr(self.source, 'path', self.source)!r})")
 
   # -- construction ------------------------------------------------------------
   @classmethod

@@ -106,15 +106,31 @@ class LoraWeight:
     return self.w0 is not None and self.a is not None and self.b is not None
 
   def __repr__(self) -> str:
-    def desc(x):
-      if x is None:
-        return "None"
-      return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
-
     return (
-        f"LoraWeight(w0={desc(self.w0)}, a={desc(self.a)}, b={desc(self.b)}, "
+        f"LoraWeight(w0={describe_leaf(self.w0)}, a={describe_leaf(self.a)}, b={describe_leaf(self.b)}, "
         f"rank={self.spec.rank}, scale={self.spec.scale:g})"
     )
+
+
+def describe_leaf(x: Any) -> str:
+  """``dtype[shape]`` for an array-like child of a jlora pytree node, ``repr`` for anything else.
+
+  Pytree nodes print whatever their children are: arrays, ``None`` halves of
+  ``jlora.split``, or the results of ``jax.tree.map`` (shapes, strings, ...).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jlora._weight import describe_leaf
+    >>> describe_leaf(jnp.ones((2, 3))), describe_leaf((2, 3)), describe_leaf(None)
+    ('float32[2, 3]', '(2, 3)', 'None')
+  """
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if isinstance(shape, tuple) and dtype is not None:
+    try:
+      return f"{np.dtype(dtype).name}{list(shape)}"
+    except TypeError:  # e.g. a PRNG key dtype
+      return f"{dtype}{list(shape)}"
+  return repr(x)
 
 
 def is_lora_weight(x: Any) -> bool:

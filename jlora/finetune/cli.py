@@ -114,7 +114,8 @@ def suggest(name: str, known: Sequence[str], aliases: Mapping[str, str] | None =
 class ArgumentParser(argparse.ArgumentParser):
   """``argparse.ArgumentParser`` whose usage errors are one line (no usage block), exit 2.
 
-  ``suggest_flag`` maps an unknown flag to a close known one for the hint.
+  An unknown flag is answered with the closest known one: ``suggest_flag(flag)``
+  if given (e.g. for aliases), else the most similar spelling.
 
   Example:
     >>> from jlora.finetune.cli import ArgumentParser
@@ -136,7 +137,12 @@ class ArgumentParser(argparse.ArgumentParser):
       if flag is None:
         self.error(f"unexpected argument {extra[0]!r}; every option is a --flag")
       name = flag.split("=", 1)[0]
+      flags = [f for f in self._option_string_actions if f.startswith("--") and not f.startswith("--no-")]
       near = self._suggest_flag(name) if self._suggest_flag else None
+      if near is None:  # the most similar spelling, if it is close (a wrong hint is worse than none)
+        names = difflib.get_close_matches(name.lstrip("-").replace("_", "-"), [f[2:] for f in flags], n=1,
+                                          cutoff=0.75)
+        near = f"--{names[0]}" if names else None
       self.error(f"unknown option {name}" + (f"; did you mean {near}?" if near else ""))
     return ns
 

@@ -181,13 +181,17 @@ def run(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False) -> di
     jlora.finetune.cli.UserError: bad data, model directory, targets or output
       directory (before any training; the message names the option to fix).
   """
-  from jlora.finetune import distributed
+  from jlora.finetune import distributed, numerics
 
+  reproducible = numerics.pin() if cfg.reproducible else "not pinned: --no-reproducible"
+  if cfg.reproducible and reproducible.startswith("not"):
+    print(f"numerics: {reproducible}", flush=True)
   distributed.initialize(cfg)
   out = os.path.abspath(cfg.output_dir)
   rundir.check(out, resume=resume and not overwrite, overwrite=overwrite)
   with rundir.removed_on_failure(out) as state:
-    return _run(cfg, out, resume=resume and not overwrite, overwrite=overwrite, state=state)
+    return _run(cfg, out, resume=resume and not overwrite, overwrite=overwrite, state=state,
+                numerics=reproducible)
 
 
 def _load_model(cfg: TrainConfig) -> model_lib.LoadedModel:
@@ -240,7 +244,8 @@ def _init_adapters(cfg: TrainConfig, base_params, lora_cfg, layout, mesh, model_
                     f"on {model_id}: {e}") from None
 
 
-def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: dict) -> dict[str, Any]:
+def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: dict, numerics: str
+         ) -> dict[str, Any]:
   from jlora.finetune import distributed
 
   main_process = jax.process_index() == 0
@@ -394,6 +399,7 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
       "adapter_dir": adapter_dir,
       "adapter_checkpoint_bytes": _dir_bytes(adapter_dir) if main_process else None,
       "base_model_bytes": model_lib.base_bytes(base_params),
+      "numerics": numerics,
       "seconds": time.time() - t_start,
   }
   if main_process:

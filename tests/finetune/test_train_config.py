@@ -69,6 +69,23 @@ def test_errors(tmp_path):
     parse_args(["--overwrite", "--resume"])
 
 
+def test_flag_errors_are_one_line(tmp_path, capsys):
+  from jlora.finetune.cli import UserError
+
+  broken = tmp_path / "broken.toml"
+  broken.write_text("rank = \n")
+  with pytest.raises(UserError, match=r"--config .*broken.toml: not valid TOML: .*line 1"):
+    parse_args(["--config", str(broken)])
+  for argv, line in [(["--rank", "eight"], "argument --rank: invalid int value: 'eight'"),
+                     (["--gradient-accumulation-steps", "2"], "unknown option --gradient-accumulation-steps; "
+                                                               "did you mean --grad-accum?"),
+                     (["stray"], "unexpected argument 'stray'; every option is a --flag")]:
+    with pytest.raises(SystemExit) as e:
+      parse_args(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"jlora-finetune: error: {line} (see --help)\n"
+
+
 def test_resume_and_overwrite_flags():
   assert parse_args([])[1].resume is True
   _, ns = parse_args(["--overwrite"])

@@ -108,11 +108,10 @@ class TrainConfig:
                                 "only matmul outputs (jax.checkpoint, dots_with_no_batch_dims_saveable): less "
                                 "memory, more FLOPs.")
   seed: int = _COMPUTE(0, "Seed of the adapter initialisation, the data order and dropout.")
-  reproducible: bool = _COMPUTE(True, "Pin XLA:CPU's numerics so that a run prints the same numbers on any "
-                                      "x86-64 CPU and core count: code for AVX2, no YNNPACK kernels, "
-                                      "single-threaded matmuls (slower on many cores or AVX-512; GPU and TPU "
-                                      "unaffected). Takes effect when JAX has not started yet, as in the "
-                                      "command.")
+  reproducible: bool = _COMPUTE(True, "Pin XLA:CPU's numerics so that a run prints the same numbers on every "
+                                      "x86-64 CPU model with the same number of cores: code for AVX2, no "
+                                      "YNNPACK kernels (slower; GPU and TPU unaffected). Takes effect when JAX "
+                                      "has not started yet, as in the command.")
 
   output_dir: str = _OUTPUT("runs/default", "Directory for checkpoints, the adapter (jlora and PEFT format), "
                                             "metrics and the summary.")

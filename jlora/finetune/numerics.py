@@ -1,22 +1,23 @@
-"""Reproducible runs on CPU: XLA:CPU flags that make the compiled programs independent of the host.
+"""Reproducible runs on CPU: XLA:CPU flags that make the compiled programs independent of the CPU model.
 
-XLA:CPU compiles for the machine it runs on, and three of its choices change
-float rounding (measured on the bundled run; see the README's "Reproducibility"):
+XLA:CPU compiles for the machine it runs on, and two of its choices change float
+rounding with the CPU model (measured on the bundled run; see the README):
 
 * its code generator uses every vector extension the CPU has (``--xla_cpu_max_isa``)
   and a preferred vector width, which decide how reductions are split;
 * it fuses matmuls, elementwise ops and reductions into YNNPACK kernels that
-  YNNPACK picks at run time for the CPU it finds (AVX2, AVX-512, AMX, ...);
-* Eigen matmuls split their work over the intra-op thread pool, whose size is
-  the number of cores.
+  YNNPACK picks at run time for the CPU it finds (AVX2, AVX-512, AMX, ...).
 
 Rounding differences grow over hundreds of optimizer steps into a different
-adapter and different greedy generations (the bundled run's exact match moved
-by several examples between machines of one kind). ``pin()`` fixes all three:
-code generation for AVX2 (every x86-64 server CPU since 2013) with 256-bit
-vectors, no YNNPACK fusions, single-threaded Eigen matmuls. The price is
-speed on machines with AVX-512 or many cores; the flags only concern XLA:CPU
-(GPU and TPU programs are unchanged).
+adapter and different greedy generations: the bundled run's exact match
+differed by a few examples between machines of one kind. ``pin()`` fixes
+both: code generation for AVX2 (every x86-64 server CPU since 2013) with
+256-bit vectors, and no YNNPACK fusions (matmuls then run in Eigen, compiled
+into jaxlib for one ISA). What it cannot fix: Eigen splits a matmul over the
+intra-op thread pool, one thread per core, and JAX offers no way to size that
+pool, so results are identical across machines with the same number of cores
+(machines of one kind), not across core counts. The flags only concern
+XLA:CPU (GPU and TPU programs are unchanged).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ CPU_FLAGS = (
     "--xla_cpu_max_isa=AVX2",
     "--xla_cpu_prefer_vector_width=256",
     "--xla_cpu_experimental_ynn_fusion_type=",  # empty: no YNNPACK fusions at all
-    "--xla_cpu_multi_thread_eigen=false",
 )
 
 

@@ -212,7 +212,7 @@ def _main(argv: Sequence[str] | None) -> int:
   import os
 
   from jlora.finetune import model as model_lib
-  from jlora.finetune.cli import UserError
+  from jlora.finetune.cli import UserError, user_error_types
   from jlora.finetune.config import DEFAULT_MODEL
 
   ap = _parser()
@@ -236,8 +236,14 @@ def _main(argv: Sequence[str] | None) -> int:
     loaded = model_lib.load(model_dir, bf16=bf16)
   except FileNotFoundError as e:  # the loader's "no weights" (or a tokenizer file missing)
     raise UserError(f"--model {model_dir!r}: {e}") from None
-  adapters = [(path, _load_any_adapter(path, kind, loaded, check_base=args.check_base))
-              for path, kind in zip(args.adapter, kinds)]
+  adapters = []
+  for path, kind in zip(args.adapter, kinds):
+    try:
+      adapters.append((path, _load_any_adapter(path, kind, loaded, check_base=args.check_base)))
+    except user_error_types():  # a wrong base or an unsupported PEFT feature: already one clear line
+      raise
+    except (OSError, ValueError) as e:  # Orbax / safetensors reading damaged files
+      raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
 
   def show(label: str, params: Any) -> None:

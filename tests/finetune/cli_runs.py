@@ -10,13 +10,13 @@ SHORT = ["--steps", "4", "--save-every", "2", "--batch-size", "4", "--max-seq-le
          "--log-every", "1", "--eval-every", "1000", "--eval-exact-match", "-1", "--no-progress"]
 
 
-def finetune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def finetune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
   """``python -m jlora.finetune ARGS`` in a subprocess, as a user runs it."""
   return subprocess.run([sys.executable, "-m", "jlora.finetune", *args], capture_output=True, text=True,
                         timeout=timeout)
 
 
-def generate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def generate(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
   """``python -m jlora.generate ARGS`` in a subprocess."""
   return subprocess.run([sys.executable, "-m", "jlora.generate", *args], capture_output=True, text=True,
                         timeout=timeout)

@@ -80,8 +80,8 @@ def test_generate_user_errors_are_one_line(tmp_path):
     assert_user_error(generate(*args), "jlora-generate", *fragments)
 
 
-def test_wrong_base_is_refused_by_generate(short_run, tmp_path):
-  """A jlora or PEFT adapter of one base, loaded onto another base of the same shapes."""
+def test_generate_refuses_a_wrong_base_and_a_damaged_adapter(short_run, tmp_path):
+  """A jlora or PEFT adapter of one base, loaded onto another base of the same shapes; truncated arrays."""
   from jlora.finetune import model as model_lib
 
   other = tmp_path / "other-base"
@@ -95,6 +95,13 @@ def test_wrong_base_is_refused_by_generate(short_run, tmp_path):
         generate("--adapter", str(short_run / adapter), "--model", str(other), "--prompt", "x"),
         "jlora-generate", "fingerprint", "--model", "--no-check-base")
     assert line.count("fingerprint") >= 2  # both the adapter's base and this base are named
+  damaged = tmp_path / "damaged"
+  shutil.copytree(short_run / "adapter", damaged)
+  for p in (damaged / "adapters").rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      p.write_bytes(p.read_bytes()[:10])
+  assert_user_error(generate("--adapter", str(damaged), "--prompt", "x"), "jlora-generate",
+                    f"--adapter '{damaged}': cannot read it")
 
 
 def test_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -122,8 +123,6 @@ CHECK_BASE_FIX = ("Pass --model with the base model it was trained on (and --bf1
 
 def _adapter_kind(path: str) -> str:
   """``"peft"`` or ``"jlora"`` for an adapter directory; a ``UserError`` for anything else."""
-  import os
-
   from jlora.finetune.cli import UserError
 
   if not os.path.exists(path):
@@ -209,8 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-  import os
-
   from jlora.finetune import model as model_lib
   from jlora.finetune.cli import UserError, user_error_types
   from jlora.finetune.config import DEFAULT_MODEL

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 
@@ -26,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from jlora import _checkpoint as ck
 from jlora._partition import split
-from jlora.finetune.cli import UserError
+from jlora.finetune.cli import UserError, ignore_closed_loop_callbacks
 from jlora.finetune.rundir import UNREADABLE
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into every finished checkpoint
@@ -66,10 +65,10 @@ class TrainCheckpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def _read(self, step: int, what: str, read: Callable):
+    ignore_closed_loop_callbacks()  # a failed read's late callbacks would print tracebacks
     try:
       return read()
     except (ValueError, KeyError, OSError) as e:  # what Orbax/TensorStore raise for bad files
-      _ignore_closed_loop_callbacks()
       raise UnreadableCheckpoint(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
   def restore(self, step: int, *, base_params, adapters_template, opt_state_template, rng_template):
@@ -161,27 +160,6 @@ class TrainCheckpointer:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def _ignore_closed_loop_callbacks() -> None:
-  """Silences TensorStore's late callbacks into Orbax's closed event loop after a failed read.
-
-  A failed restore abandons reads whose completion callbacks later hit a closed
-  asyncio loop; Python prints each as an "Exception ignored" traceback though
-  nothing is wrong. Only that exact ``RuntimeError`` is dropped.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "_jlora_closed_loop_filter", False):
-    return
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-      return
-    previous(unraisable)
-
-  hook._jlora_closed_loop_filter = True
-  sys.unraisablehook = hook
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

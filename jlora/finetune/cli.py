@@ -165,6 +165,33 @@ def _show_warning(prog: str, original):
   return show
 
 
+def ignore_closed_loop_callbacks() -> None:
+  """Silences TensorStore's callbacks into Orbax's closed event loop when a read fails.
+
+  A failed Orbax restore (a truncated file) abandons reads whose completion
+  callbacks then hit a closed asyncio loop; Python prints each as an
+  "Exception ignored" traceback although nothing is wrong, which would bury the
+  one-line error. Only that exact ``RuntimeError`` is dropped; the hook is
+  installed once per process.
+
+  Example:
+    >>> from jlora.finetune.cli import ignore_closed_loop_callbacks
+    >>> ignore_closed_loop_callbacks()
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_jlora_closed_loop_filter", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._jlora_closed_loop_filter = True
+  sys.unraisablehook = hook
+
+
 def run_command(prog: str, body: Callable[[], int]) -> int:
   """Runs a command's ``body``; a user error becomes one stderr line and exit status 2.
 
@@ -180,6 +207,7 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
   """
   old = warnings.showwarning
   warnings.showwarning = _show_warning(prog, old)
+  ignore_closed_loop_callbacks()
   try:
     return body()
   except user_error_types() as e:

@@ -32,7 +32,7 @@ def _adapters(path):
   return {p: (np.asarray(w.a), np.asarray(w.b)) for p, w in jlora._checkpoint.adapter_weights(lp).items()}
 
 
-@pytest.mark.parametrize("corrupt,reason", [(_truncate_arrays, "(arrays: ValueError"),
+@pytest.mark.parametrize("corrupt,reason", [(_truncate_arrays, "(array metadata: ValueError"),
                                             (_corrupt_metadata, "(metadata: JSONDecodeError")])
 def test_resume_skips_an_unreadable_checkpoint(short_run, tmp_path, small_eval, corrupt, reason):
   out = tmp_path / "run"

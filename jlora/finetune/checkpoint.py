@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from jlora import _checkpoint as ck
 from jlora._partition import split
-from jlora.finetune.cli import UserError, ignore_closed_loop_callbacks
+from jlora.finetune.cli import UserError, quiet_abandoned_reads
 from jlora.finetune.rundir import UNREADABLE
 
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into every finished checkpoint
@@ -65,7 +65,7 @@ class TrainCheckpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def _read(self, step: int, what: str, read: Callable):
-    ignore_closed_loop_callbacks()  # a failed read's late callbacks would print tracebacks
+    quiet_abandoned_reads()  # a failed read's late callbacks would print tracebacks
     try:
       return read()
     except (ValueError, KeyError, OSError) as e:  # what Orbax/TensorStore raise for bad files

@@ -165,21 +165,24 @@ def _show_warning(prog: str, original):
   return show
 
 
-def ignore_closed_loop_callbacks() -> None:
-  """Silences TensorStore's callbacks into Orbax's closed event loop when a read fails.
+def quiet_abandoned_reads() -> None:
+  """Silences the noise Orbax/TensorStore leave behind when a read of a damaged file fails.
 
-  A failed Orbax restore (a truncated file) abandons reads whose completion
-  callbacks then hit a closed asyncio loop; Python prints each as an
-  "Exception ignored" traceback although nothing is wrong, which would bury the
-  one-line error. Only that exact ``RuntimeError`` is dropped; the hook is
-  installed once per process.
+  A failed restore (a truncated array file) abandons its other reads: their
+  completion callbacks hit a closed asyncio loop (printed as "Exception
+  ignored" tracebacks) and their tasks die unobserved (logged by asyncio as
+  "Task exception was never retrieved" with a traceback). Nothing is wrong by
+  then, and the noise would bury the one line that says what is. Only those
+  two kinds of message are dropped; installed once per process.
 
   Example:
-    >>> from jlora.finetune.cli import ignore_closed_loop_callbacks
-    >>> ignore_closed_loop_callbacks()
+    >>> from jlora.finetune.cli import quiet_abandoned_reads
+    >>> quiet_abandoned_reads()
   """
+  import logging
+
   previous = sys.unraisablehook
-  if getattr(previous, "_jlora_closed_loop_filter", False):
+  if getattr(previous, "_jlora_quiet", False):
     return
 
   def hook(unraisable):
@@ -188,8 +191,18 @@ def ignore_closed_loop_callbacks() -> None:
       return
     previous(unraisable)
 
-  hook._jlora_closed_loop_filter = True
+  hook._jlora_quiet = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedTensorStoreRead())
+
+
+class _AbandonedTensorStoreRead:
+  """A logging filter: drops asyncio's "never retrieved" reports of failed TensorStore reads."""
+
+  def filter(self, record) -> bool:
+    e = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Task exception was never retrieved")
+                and isinstance(e, ValueError) and "tensorstore_spec" in str(e))
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
@@ -207,7 +220,7 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
   """
   old = warnings.showwarning
   warnings.showwarning = _show_warning(prog, old)
-  ignore_closed_loop_callbacks()
+  quiet_abandoned_reads()
   try:
     return body()
   except user_error_types() as e:

@@ -16,7 +16,8 @@ def _lora_params():
 
 def test_lora_weight_repr_of_arrays_and_of_anything_else():
   lp = _lora_params()
-  assert repr(lp["dense"]["kernel"]) == "LoraWeight(w0=float32[4, 6], a=float32[4, 2], b=float32[2, 6], rank=2, scale=2)"
+  want = "LoraWeight(w0=float32[4, 6], a=float32[4, 2], b=float32[2, 6], rank=2, scale=2)"
+  assert repr(lp["dense"]["kernel"]) == want
   shapes = jax.tree.map(lambda a: a.shape, lp)
   assert repr(shapes["dense"]["kernel"]) == "LoraWeight(w0=(4, 6), a=(4, 2), b=(2, 6), rank=2, scale=2)"
   adapters, frozen = jlora.split(lp)

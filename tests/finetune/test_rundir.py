@@ -46,3 +46,32 @@ def test_clear_deletes_only_what_a_run_writes(tmp_path):
   assert sorted(rundir.clear(str(tmp_path))) == sorted(
       ["checkpoints", "adapter", "peft", "metrics.jsonl", "summary.json", "baseline.json"])
   assert [p.name for p in tmp_path.iterdir()] == ["my_data.jsonl"]
+
+
+def test_a_failure_before_training_removes_the_directory_it_created(tmp_path, monkeypatch, small_eval):
+  """Even a failure after the directory was created (here: a bug in the baseline eval)."""
+  import pytest
+
+  from jlora.finetune import TrainConfig, run
+  from jlora.finetune import train as train_lib
+
+  out = [tmp_path / "run"]
+
+  def broken_eval(forward):
+    def evaluate(*args, **kwargs):
+      assert out[0].is_dir()  # the run had created its directory
+      raise RuntimeError("a bug in the eval")
+
+    return evaluate
+
+  monkeypatch.setattr(train_lib, "make_eval", broken_eval)
+  cfg = TrainConfig(output_dir=str(tmp_path / "run"), eval_data=small_eval, steps=2, batch_size=4, max_seq_len=32,
+                    eval_exact_match=-1, progress=False, reproducible=False)
+  with pytest.raises(RuntimeError, match="a bug in the eval"):  # bugs are not user errors: they propagate
+    run(cfg)
+  assert not (tmp_path / "run").exists()
+  out[0] = tmp_path / "kept"
+  out[0].mkdir()  # a directory the user made is never removed
+  with pytest.raises(RuntimeError, match="a bug in the eval"):
+    run(TrainConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "kept")}))
+  assert (tmp_path / "kept").is_dir()

@@ -95,6 +95,21 @@ def test_generate_refuses_a_wrong_base_and_a_damaged_adapter(short_run, tmp_path
         generate("--adapter", str(short_run / adapter), "--model", str(other), "--prompt", "x"),
         "jlora-generate", "fingerprint", "--model", "--no-check-base")
     assert line.count("fingerprint") >= 2  # both the adapter's base and this base are named
+  # A PEFT adapter that records no base (as PEFT itself writes them) loads, with one warning line.
+  from safetensors.numpy import load_file, save_file
+
+  unverified = tmp_path / "unverified"
+  shutil.copytree(short_run / "peft", unverified)
+  weights = unverified / "adapter_model.safetensors"
+  save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
+  res = generate("--adapter", str(unverified), "--prompt", "Reverse the words: a b c\nAnswer:",
+                 "--max-new-tokens", "2")
+  assert res.returncode == 0, res.stderr[-3000:]
+  warnings = [l for l in res.stderr.splitlines() if l.startswith("jlora-generate: warning:")]
+  assert warnings == [f"jlora-generate: warning: PEFT adapter '{unverified}' records no base-model fingerprint "
+                      "(it was not exported by jlora), so jlora cannot verify that it is loaded onto the base it "
+                      "was trained on; make sure it is."], res.stderr
+  assert res.stdout.count(f"[{unverified} (merged)]") == 1
   damaged = tmp_path / "damaged"
   shutil.copytree(short_run / "adapter", damaged)
   for p in (damaged / "adapters").rglob("*"):

@@ -119,16 +119,24 @@ def adapter_metadata(params: Params, *, base_model: str = "", base_fingerprint: 
   }
 
 
-def verify_base(meta: Mapping[str, Any], params: Params, *, where: str) -> None:
-  """Raises ``AdapterMismatchError`` unless ``params`` is the base ``meta`` was saved for."""
+TRANSPLANT_FIX = "Load the matching base model, or pass check_base=False if you really mean to transplant it."
+
+
+def verify_base(meta: Mapping[str, Any], params: Params, *, where: str, fix: str = TRANSPLANT_FIX) -> None:
+  """Raises ``AdapterMismatchError`` unless ``params`` is the base ``meta`` was saved for.
+
+  ``fix`` ends the message: what the caller's user can do (an option of the
+  function or command that loads the adapter).
+  """
   want = meta.get("base_fingerprint")
+  if not want:
+    return
   got = fingerprint(params)
-  if want and want != got:
+  if want != got:
     raise AdapterMismatchError(
         f"{where}: this adapter was trained on base model {meta.get('base_model') or '?'!r} "
         f"(weights fingerprint {want}), but the parameters it is being loaded onto have "
-        f"fingerprint {got}. Load the matching base model, or pass check_base=False if you "
-        "really mean to transplant it."
+        f"fingerprint {got}. {fix}"
     )
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora._lazy import LazyBase
-from jlora._weight import LoraSpec, LoraWeight
+from jlora._weight import LoraSpec, LoraWeight, describe_leaf
 
 _uid = itertools.count()
 
@@ -109,6 +109,10 @@ class LowRank:
   def tree_unflatten(cls, aux, children):
     names, labels, flabels, source, dropped, mode = aux
     return cls(children[0], dict(zip(names, children[1:])), labels, flabels, source, dropped, mode)
+
+  def __repr__(self) -> str:
+    kids = ", ".join(f"{n}={describe_leaf(v)}" for n, v in (("base", self.base), *self.factors.items()))
+    return f"LowRank({kids}, path={getattr(self.source, 'path', self.source)!r})"
 
   # -- construction ------------------------------------------------------------
   @classmethod

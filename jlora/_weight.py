@@ -75,20 +75,6 @@ class LoraSpec:
     return int(np.prod([self.shape[i] for i in self.out_axes], dtype=np.int64))
 
 
-def _desc(x: Any) -> str:
-  """Short description of a child for reprs, whatever it is (array, shape tuple, None...)."""
-  if x is None:
-    return "None"
-  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-  if shape is not None and dtype is not None:
-    try:
-      return f"{jnp.dtype(dtype).name}{list(shape)}"
-    except TypeError:
-      return f"{dtype}{list(shape)}"
-  text = repr(x)
-  return text if len(text) <= 40 else text[:37] + "..."
-
-
 @jax.tree_util.register_pytree_with_keys_class
 class LoraWeight:
   """A targeted kernel: frozen base ``w0`` plus the adapter's children.
@@ -164,10 +150,33 @@ class LoraWeight:
     return self.w0 is not None and all(v is not None for v in self.factors.values())
 
   def __repr__(self) -> str:
-    kids = ", ".join(f"{n}={_desc(v)}" for n, v in (("w0", self.w0), *self.factors.items()))
+    kids = ", ".join(f"{n}={describe_leaf(v)}" for n, v in (("w0", self.w0), *self.factors.items()))
     variant = self.spec.variant.describe()
     return (f"LoraWeight({kids}, rank={self.spec.rank}, scale={self.spec.scale:g}"
             + (f", variant={variant}" if variant else "") + ")")
+
+
+def describe_leaf(x: Any) -> str:
+  """``dtype[shape]`` for an array-like child of a jlora pytree node, ``repr`` for anything else.
+
+  Pytree nodes print whatever their children are: arrays, ``None`` halves of
+  ``jlora.split``, or the results of ``jax.tree.map`` (shapes, strings, ...).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jlora._weight import describe_leaf
+    >>> describe_leaf(jnp.ones((2, 3))), describe_leaf((2, 3)), describe_leaf(None)
+    ('float32[2, 3]', '(2, 3)', 'None')
+  """
+  if is_lazy_node(x):  # a kernel stored in another form describes itself
+    return repr(x)
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if isinstance(shape, tuple) and dtype is not None:
+    try:
+      return f"{np.dtype(dtype).name}{list(shape)}"
+    except TypeError:  # e.g. a PRNG key dtype
+      return f"{dtype}{list(shape)}"
+  return repr(x)
 
 
 def is_lora_weight(x: Any) -> bool:

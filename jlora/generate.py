@@ -1,13 +1,16 @@
 """Text generation with a base model, a base + adapter (unmerged) or a merged model.
 
-  python -m jlora.generate --adapter runs/default/adapter --prompt "Reverse the words: a b c"
-  python -m jlora.generate --adapter A1 --adapter A2 --prompt "..."   # one base, adapters swapped
+  jlora-generate --adapter runs/default/adapter --prompt "Reverse the words: a b c"
+  jlora-generate --adapter A1 --adapter A2 --prompt "..."   # one base, adapters swapped
 
 The base is loaded once; every adapter is attached to the same base arrays
 (``jlora.load_adapter`` / ``jlora.peft.load``), so switching adapters costs no
 reload. For each prompt the command prints the base model's output, then for
 each adapter the unmerged (low-rank path) and merged (``jlora.merge``) outputs.
-Supported families run on ``jlora.models`` (KV-cache generation).
+Supported families run on ``jlora.models`` (KV-cache generation). An adapter
+that records its base model's fingerprint is refused on another base
+(``--no-check-base`` overrides); a PEFT adapter that records none is loaded
+with a warning. User errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
 
 import jlora
 
@@ -30,45 +34,130 @@ def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int
   return [tok.decode(o, skip_special_tokens=True) for o in out]
 
 
-def _is_peft_dir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "adapter_config.json"))
+PROG = "jlora-generate"
+# The end of every "wrong base" error: the options of this command that fix it.
+CHECK_BASE_FIX = ("Pass --model with the base model it was trained on (and --bf16 if it was trained with --bf16), "
+                  "or --no-check-base to load it anyway.")
 
 
-def _load_any_adapter(path: str, loaded):
-  if not _is_peft_dir(path):
-    return jlora.load_adapter(path, loaded.params)
+def _adapter_kind(path: str) -> str:
+  """``"peft"`` or ``"jlora"`` for an adapter directory; a ``UserError`` for anything else."""
+  from jlora.finetune.cli import UserError
+
+  if not os.path.exists(path):
+    raise UserError(f"--adapter {path!r}: no such directory")
+  if not os.path.isdir(path):
+    raise UserError(f"--adapter {path!r} is a file; give an adapter directory")
+  if os.path.exists(os.path.join(path, "adapter_config.json")):
+    return "peft"
+  if os.path.isdir(os.path.join(path, "meta")):
+    return "jlora"
+  raise UserError(f"--adapter {path!r} is neither a jlora adapter (the adapter/ directory jlora-finetune writes) "
+                  "nor a PEFT adapter (adapter_config.json and adapter_model.safetensors, e.g. the peft/ "
+                  "directory)")
+
+
+def _adapter_info(path: str, kind: str) -> dict:
+  """What an adapter says about its base: ``{"model_dir", "base_model", "bf16"}``."""
+  from jlora.finetune.cli import UserError, user_error_types
+
+  try:
+    if kind == "peft":
+      from jlora import peft as peft_lib
+
+      base = peft_lib.read_config(path).get("base_model_name_or_path") or ""
+      return {"model_dir": base, "base_model": base, "bf16": None}
+    meta = jlora.read_adapter_metadata(path)
+  except user_error_types():  # already says what and where (e.g. an unsupported PEFT feature)
+    raise
+  except (OSError, ValueError) as e:  # an unreadable file, bad JSON, not a jlora adapter
+    raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
+  train_config = meta.get("train_config") or {}
+  return {"model_dir": meta.get("base_model_dir") or meta.get("base_model") or "",
+          "base_model": meta.get("base_model") or "", "bf16": train_config.get("bf16")}
+
+
+def _load_any_adapter(path: str, kind: str, loaded, *, check_base: bool = True):
+  """The adapter at ``path`` attached to ``loaded.params`` (the same base arrays, new factors)."""
+  from jlora import _checkpoint as ck
+
+  if kind == "jlora":
+    if check_base:
+      ck.verify_base(jlora.read_adapter_metadata(path), loaded.params, where=f"--adapter {path!r}",
+                     fix=CHECK_BASE_FIX)
+    return jlora.load_adapter(path, loaded.params, check_base=False)
   from jlora import peft as peft_lib
 
-  return peft_lib.load(path, loaded.params, module_map=loaded.module_map, layout=loaded.layout)
+  if check_base:
+    peft_lib.verify_base(path, loaded.params, fix=CHECK_BASE_FIX)
+  return peft_lib.load(path, loaded.params, module_map=loaded.module_map, layout=loaded.layout,
+                       check_base=False)
+
+
+def _parser():
+  from jlora.finetune.cli import ArgumentParser
+
+  ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                  help="Adapter directory, jlora (output_dir/adapter) or Hugging Face PEFT (output_dir/peft) "
+                       "format; repeatable: every adapter is attached to the one loaded base.")
+  ap.add_argument("--model", default="", metavar="DIR",
+                  help="Base model directory (default: the one the first adapter records, else the bundled "
+                       "tiny base model).")
+  ap.add_argument("--prompt", action="append", default=[], help="Prompt text; repeatable (at least one).")
+  ap.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="Longest continuation (default: 32).")
+  ap.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature; 0 = greedy (default: 0).")
+  ap.add_argument("--seed", type=int, default=0, help="Seed of the sampling (default: 0).")
+  ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                  help="Load the base in bfloat16 (default: as the first jlora adapter was trained, else "
+                       "float32). The base fingerprint check needs the dtype the adapter was trained on.")
+  ap.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
+                  help="Refuse an adapter whose recorded base fingerprint is another model's (default: true); "
+                       "--no-check-base loads it anyway.")
+  return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """``jlora-generate``: user errors print one line on stderr and exit with status 2."""
+  from jlora.finetune.cli import run_command
+
+  return run_command(PROG, lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
   from jlora.finetune import model as model_lib
+  from jlora.finetune.cli import UserError, user_error_types
   from jlora.finetune.config import DEFAULT_MODEL
 
-  ap = argparse.ArgumentParser(prog="python -m jlora.generate", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--adapter", action="append", default=[],
-                  help="adapter directory, jlora or Hugging Face PEFT format (repeatable)")
-  ap.add_argument("--model", default="", help="base model directory (default: the adapter's base)")
-  ap.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-  ap.add_argument("--max-new-tokens", type=int, default=32)
-  ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  ap.add_argument("--seed", type=int, default=0)
+  ap = _parser()
   args = ap.parse_args(argv)
   if not args.prompt:
     ap.error("give at least one --prompt")
-  model_dir = args.model
-  if not model_dir and args.adapter:
-    first = args.adapter[0]
-    if _is_peft_dir(first):
-      from jlora import peft as peft_lib
-
-      model_dir = peft_lib.read_config(first).get("base_model_name_or_path", "")
-    else:
-      meta = jlora.read_adapter_metadata(first)
-      model_dir = meta.get("base_model_dir") or meta.get("base_model", "")
-  loaded = model_lib.load(model_dir or DEFAULT_MODEL)
+  if args.max_new_tokens < 1:
+    ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  if args.temperature < 0:
+    ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+  kinds = [_adapter_kind(path) for path in args.adapter]  # every adapter is checked before any model loads
+  infos = [_adapter_info(path, kind) for path, kind in zip(args.adapter, kinds)]
+  model_dir = args.model or (infos[0]["model_dir"] if infos else "") or DEFAULT_MODEL
+  if not os.path.isdir(model_dir):
+    if args.model:
+      raise UserError(f"--model {args.model!r} is not a directory; give a local Hugging Face model directory")
+    raise UserError(f"--adapter {args.adapter[0]!r} records its base model as {model_dir!r}, which is not a local "
+                    "directory here; pass --model with a local copy of that model")
+  bf16 = args.bf16 if args.bf16 is not None else bool(infos and infos[0]["bf16"])
+  try:
+    loaded = model_lib.load(model_dir, bf16=bf16)
+  except FileNotFoundError as e:  # the loader's "no weights" (or a tokenizer file missing)
+    raise UserError(f"--model {model_dir!r}: {e}") from None
+  adapters = []
+  for path, kind in zip(args.adapter, kinds):
+    try:
+      adapters.append((path, _load_any_adapter(path, kind, loaded, check_base=args.check_base)))
+    except user_error_types():  # a wrong base or an unsupported PEFT feature: already one clear line
+      raise
+    except (OSError, ValueError) as e:  # Orbax / safetensors reading damaged files
+      raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
 
   def show(label: str, params: Any) -> None:
@@ -76,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"[{label}] {prompt!r} -> {text!r}")
 
   show("base", loaded.params)
-  for path in args.adapter:
-    lp = _load_any_adapter(path, loaded)  # same base arrays, new factors
+  for path, lp in adapters:
     show(f"{path} (unmerged)", lp)
     show(f"{path} (merged)", jlora.merge(lp))
   return 0

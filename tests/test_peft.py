@@ -124,8 +124,13 @@ def test_export_loads_in_peft_with_matching_logits(setup, tmp_path, rslora, embe
              "lora_dropout", "bias", "use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern",
              "alpha_pattern", "init_lora_weights", "modules_to_save", "inference_mode"}
   assert set(cfg) <= allowed
+  # The base fingerprint rides in the safetensors header, where PEFT and vLLM ignore it.
+  from safetensors import safe_open
 
-  pm = peft.PeftModel.from_pretrained(torch_model(arch), out).eval()
+  with safe_open(os.path.join(out, "adapter_model.safetensors"), "np") as f:
+    assert f.metadata()[jlora.peft._format.FINGERPRINT_KEY] == jlora.fingerprint(loaded.params)
+
+  pm = peft.PeftModel.from_pretrained(torch_model(arch), out).eval()  # loads the file with that header
   want = flax_logits(loaded, lp)
   np.testing.assert_allclose(torch_logits(pm), want, **TOL)
   base = torch_logits(torch_model(arch))
@@ -152,7 +157,11 @@ def test_import_peft_adapter_with_patterns(setup, tmp_path):
         p.normal_(0, 0.2)
   pm.eval()
   pm.save_pretrained(str(tmp_path / "peft"))
-  lp = jlora.peft.load(str(tmp_path / "peft"), loaded.params, model_type=arch)
+  assert jlora.peft.read_base_fingerprint(str(tmp_path / "peft")) is None  # PEFT records none
+  with pytest.warns(jlora.peft.UnverifiedBaseWarning, match="records no base-model fingerprint") as warned:
+    lp = jlora.peft.load(str(tmp_path / "peft"), loaded.params, model_type=arch)
+    jlora.peft.load(str(tmp_path / "peft"), loaded.params, model_type=arch)
+  assert len([w for w in warned if w.category is jlora.peft.UnverifiedBaseWarning]) == 1  # once per adapter
   ws = jlora._checkpoint.adapter_weights(lp)
   n_peft = sum(1 for n, _ in pm.named_modules() if n.endswith("lora_A"))
   assert len(ws) == n_peft == 2 * (len(names["all"]) + (arch == "gpt2"))  # GPT-2 has two c_proj per layer
@@ -197,6 +206,7 @@ def test_tied_embedding_adapter_is_refused_on_export(tmp_path):
     jlora.peft.save(str(tmp_path / "x"), lp, model_type="gpt2")
 
 
+@pytest.mark.filterwarnings("ignore::jlora.peft.UnverifiedBaseWarning")  # hand-written adapters record no base
 def test_refusals_name_the_problem(setup, tmp_path):
   arch, _, loaded = setup
   base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["x"]}
@@ -226,3 +236,24 @@ def test_refusals_name_the_problem(setup, tmp_path):
   os.remove(os.path.join(d, "adapter_model.safetensors")) if os.path.exists(os.path.join(d, "adapter_model.safetensors")) else None
   with pytest.raises(jlora.peft.PeftFormatError, match="safe_serialization=True"):
     jlora.peft.load(d, loaded.params, model_type=arch)
+
+
+def test_wrong_base_is_refused_by_its_fingerprint(setup, tmp_path):
+  arch, _, loaded = setup
+  layout = jlora.infer_layout(loaded.forward, loaded.params, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  lp = jlora.init(jax.random.key(0), loaded.params, jlora_config(arch), layout=layout)
+  d = jlora.peft.save(str(tmp_path / "peft"), lp, base_model_name_or_path="my/base", model_type=arch)
+  with open(os.path.join(d, "adapter_config.json")) as f:
+    assert "fingerprint" not in f.read()  # older PEFT releases reject unknown config keys
+  other = jax.tree.map(lambda x: x * 1.01, loaded.params)  # same shapes, other weights
+  want, got = jlora.fingerprint(loaded.params), jlora.fingerprint(other)
+  with pytest.raises(jlora.AdapterMismatchError,
+                     match=rf"'my/base' \(weights fingerprint {want}\).* fingerprint {got}\..*check_base=False"):
+    jlora.peft.load(d, other, model_type=arch)
+  with pytest.raises(jlora.AdapterMismatchError, match="--no-check-base"):
+    jlora.peft.verify_base(d, other, fix="Pass --no-check-base.")
+  transplanted = jlora.peft.load(d, other, model_type=arch, check_base=False)
+  assert jlora._checkpoint.adapter_weights(transplanted).keys() == jlora._checkpoint.adapter_weights(lp).keys()
+  # An adapters-only half cannot name its base: nothing is recorded, and loading it warns.
+  adapters_only = jlora.peft.save(str(tmp_path / "half"), jlora.split(lp)[0], model_type=arch)
+  assert jlora.peft.read_base_fingerprint(adapters_only) is None

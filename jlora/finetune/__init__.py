@@ -1,4 +1,8 @@
-"""Fine-tune a causal language model with LoRA: ``python -m jlora.finetune``.
+"""Fine-tune a causal language model with LoRA: ``jlora-finetune`` / ``python -m jlora.finetune``.
+
+``UserError`` is what ``run`` raises for bad input (data, model directory,
+targets, output directory); the command prints it as one line and exits with
+status 2.
 
 Example:
   >>> from jlora.finetune import TrainConfig
@@ -6,7 +10,8 @@ Example:
   'all-linear'
 """
 
+from jlora.finetune.cli import UserError
 from jlora.finetune.config import TrainConfig
 from jlora.finetune.train import run
 
-__all__ = ["TrainConfig", "run"]
+__all__ = ["TrainConfig", "UserError", "run"]

@@ -1,4 +1,8 @@
-"""``python -m jlora.finetune [--config FILE] [--option value ...]``."""
+"""``jlora-finetune [--config FILE] [--option value ...]`` (also ``python -m jlora.finetune``).
+
+A user error (a bad flag, file or directory) prints one line on stderr and
+exits with status 2; see ``jlora.finetune.cli``.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,22 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from jlora.finetune.config import parse_args
-  from jlora.finetune.train import run
+  from jlora.finetune.cli import run_command
+  from jlora.finetune.config import PROG
 
-  cfg, ns = parse_args(argv)
-  run(cfg, resume=ns.resume)
-  return 0
+  def body() -> int:
+    from jlora.finetune.config import config_template, parse_args
+
+    cfg, ns = parse_args(argv)
+    if ns.print_config:
+      print(config_template(cfg), end="")
+      return 0
+    from jlora.finetune.train import run
+
+    run(cfg, resume=ns.resume, overwrite=ns.overwrite)
+    return 0
+
+  return run_command(PROG, body)
 
 
 if __name__ == "__main__":

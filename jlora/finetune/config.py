@@ -1,4 +1,9 @@
-"""``TrainConfig``: every knob of the fine-tuning command, from defaults, a file and flags."""
+"""``TrainConfig``: every knob of the fine-tuning command, from defaults, a file and flags.
+
+Each field carries its one-line help in its metadata; ``--help``, the
+commented config file of ``--print-config`` (and ``examples/configs/all_options.toml``)
+are all generated from it, so the three cannot disagree.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,49 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jlora._config import _reject_unknown_kwargs
+from jlora.finetune.cli import ArgumentParser, OptionError, UserError, suggest
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_MODEL = os.path.join(ASSETS, "tiny-base")
 DEFAULT_DATA = os.path.join(ASSETS, "data", "reverse_words.train.jsonl")
 DEFAULT_EVAL = os.path.join(ASSETS, "data", "reverse_words.eval.jsonl")
+PROG = "jlora-finetune"
+
+
+class _Section:
+  """Makes the fields of one ``--help`` section: ``name: type = SECTION(default, "help")``."""
+
+  def __init__(self, title: str):
+    self.title = title
+
+  def __call__(self, default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"section": self.title, "help": help})
+
+
+_DATA = _Section("model and data")
+_LORA = _Section("LoRA")
+_OPTIM = _Section("optimisation")
+_COMPUTE = _Section("compute")
+_OUTPUT = _Section("output and evaluation")
+_MULTI = _Section("multi-host (see docs/scale_out.md)")
+
+_SCHEDULES = ("cosine", "linear", "constant")
+_INITS = ("default", "gaussian")
+_SHARDINGS = ("fsdp", "tp", "fsdp_tp", "replicated")
 
 
 @_reject_unknown_kwargs
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-  """All options of ``python -m jlora.finetune``; the defaults run the bundled task.
+  """All options of ``jlora-finetune``; the defaults run the bundled task.
+
+  Unknown options, wrong types and out-of-range values raise
+  ``jlora.finetune.cli.OptionError`` (a ``ValueError``) naming the option.
 
   Example:
     >>> from jlora.finetune import TrainConfig
@@ -28,103 +61,118 @@ class TrainConfig:
     16
   """
 
-  # -- model and data --
-  # Hugging Face model directory (config.json + safetensors; Llama, Mistral, Qwen2/3 and Gemma
-  # run on jlora.models, other architectures on transformers 4.x Flax classes);
-  # empty = the bundled tiny base model.
-  model: str = ""
-  # Training data: JSONL (prompt/completion, input/target, instruction/output, text) or .txt.
-  data: str = ""
-  # Held-out data; empty = the bundled eval split (default data) or eval_fraction of data.
-  eval_data: str = ""
-  # Fraction of `data` held out for evaluation when no eval_data is given.
-  eval_fraction: float = 0.05
-  # Format prompts with the tokenizer's chat template (needs a tokenizer that has one).
-  chat_template: bool = False
-  # Skip malformed JSONL lines (reporting how many) instead of failing on the first.
-  skip_bad_lines: bool = False
-  # Tokens per sequence; longer examples are truncated (prompt first, from the left).
-  max_seq_len: int = 48
-  # Concatenate examples into full max_seq_len rows (no padding waste); segment ids keep each
-  # example's attention and positions to itself.
-  pack: bool = False
-  # -- LoRA --
-  # "all-linear", comma-separated module names ("q_proj,v_proj"), or a regex on parameter paths.
-  targets: str = "all-linear"
-  # Regex of parameter paths never adapted.
-  exclude: str = ""
-  rank: int = 8
-  alpha: float = 16.0
-  rslora: bool = False
-  lora_dropout: float = 0.0
-  # "default" (PEFT: A kaiming-uniform, B = 0) or "gaussian".
-  init: str = "default"
-  # -- optimisation --
-  # Peak learning rate (4e-3 suits the bundled tiny model; real LLMs: ~1e-4 to 5e-4).
-  lr: float = 4e-3
-  # "cosine", "linear" or "constant" after warmup.
-  schedule: str = "cosine"
-  warmup_steps: int = 20
-  # AdamW weight decay on the adapters.
-  weight_decay: float = 0.0
-  # Global gradient-norm clipping; 0 disables.
-  clip_norm: float = 1.0
-  # Sequences per optimizer step = batch_size * grad_accum.
-  batch_size: int = 16
-  grad_accum: int = 1
-  # Optimizer steps; 0 = derived from epochs.
-  steps: int = 0
-  epochs: float = 3.0
-  # -- compute --
-  # Compute in bfloat16 and store the frozen base in bfloat16 (adapters stay float32).
-  bf16: bool = False
-  # Rematerialise each layer in the backward pass, keeping only layer inputs (native models;
-  # others: the whole forward with dots_with_no_batch_dims_saveable): less memory, more FLOPs.
-  remat: bool = False
-  seed: int = 0
-  # -- bookkeeping --
-  output_dir: str = "runs/default"
-  log_every: int = 10
-  eval_every: int = 100
-  save_every: int = 100
-  keep_checkpoints: int = 2
-  # Examples of the eval set scored by exact match of greedy generations (0 = all, -1 = none).
-  eval_exact_match: int = 0
-  max_new_tokens: int = 16
-  # Also write the merged model as a Hugging Face directory (output_dir/merged).
-  save_merged: bool = False
-  # Show a progress bar.
-  progress: bool = True
-  # -- multi-host (see docs/scale_out.md) --
-  # Coordinator "host:port" for jax.distributed.initialize, or "auto" (Cloud TPU, SLURM, MPI,
-  # JAX_COORDINATOR_ADDRESS); empty = single process unless the environment is multi-host.
-  coordinator: str = ""
-  num_processes: int = 1
-  process_id: int = 0
-  # Mesh shape as "data=2,fsdp=4,tensor=1"; empty = all devices on the data axis.
-  mesh: str = ""
-  # Base-model sharding preset: "fsdp", "tp", "fsdp_tp" or "replicated".
-  sharding: str = "fsdp"
+  model: str = _DATA("", "Hugging Face causal-LM directory (config.json + safetensors): Llama, Mistral, "
+                         "Qwen2/3 and Gemma 2/3 run on the native jlora.models decoder, other "
+                         "architectures on transformers 4.x Flax classes; empty = the bundled tiny base.")
+  data: str = _DATA("", "Training data: JSONL with prompt/completion (or input/target, instruction/output, "
+                        "text) per line, or a .txt file; empty = the bundled word-reversal task.")
+  eval_data: str = _DATA("", "Held-out data in the same format; empty = the bundled eval split with the "
+                             "default data, else eval_fraction of the training data.")
+  eval_fraction: float = _DATA(0.05, "Fraction of the training data held out for evaluation when no "
+                                     "eval_data is given.")
+  chat_template: bool = _DATA(False, "Format prompts with the tokenizer's chat template (the tokenizer must "
+                                     "have one).")
+  skip_bad_lines: bool = _DATA(False, "Skip malformed JSONL lines (reporting how many) instead of failing on "
+                                      "the first.")
+  max_seq_len: int = _DATA(48, "Tokens per sequence; longer examples are truncated (the prompt first, from "
+                               "the left).")
+  pack: bool = _DATA(False, "Concatenate examples into full max_seq_len rows (no padding waste); segment "
+                            "ids keep each example's attention and positions to itself.")
+
+  targets: str = _LORA("all-linear", "Kernels that get adapters: all-linear (every linear layer but lm_head), "
+                                     "module names (q_proj,v_proj) or a regex on '/'-joined parameter paths.")
+  exclude: str = _LORA("", "Regex (fullmatch) of parameter paths never adapted.")
+  rank: int = _LORA(8, "LoRA rank r (the inner size of A and B).")
+  alpha: float = _LORA(16.0, "LoRA alpha: the adapter output is scaled by alpha/rank (alpha/sqrt(rank) with "
+                             "rslora).")
+  rslora: bool = _LORA(False, "rsLoRA scaling alpha/sqrt(rank) instead of alpha/rank.")
+  lora_dropout: float = _LORA(0.0, "Dropout on the adapters' input while training, in [0, 1) (PEFT's "
+                                   "lora_dropout).")
+  init: str = _LORA("default", "Initialisation: default (PEFT: A kaiming-uniform, B = 0) or gaussian "
+                               "(A ~ N(0, 1/r^2), B = 0).")
+
+  lr: float = _OPTIM(4e-3, "Peak learning rate (4e-3 suits the bundled tiny model; real LLMs: about 1e-4 to "
+                           "5e-4).")
+  schedule: str = _OPTIM("cosine", "Learning-rate schedule after warmup: cosine, linear or constant.")
+  warmup_steps: int = _OPTIM(20, "Steps of linear warmup from 0 to lr.")
+  weight_decay: float = _OPTIM(0.0, "AdamW weight decay on the adapters.")
+  clip_norm: float = _OPTIM(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+  batch_size: int = _OPTIM(16, "Sequences per micro-batch (the compiled step's batch).")
+  grad_accum: int = _OPTIM(1, "Micro-batches per optimizer step (sequences per step = batch_size * "
+                              "grad_accum).")
+  steps: int = _OPTIM(0, "Optimizer steps; 0 = derived from epochs.")
+  epochs: float = _OPTIM(3.0, "Passes over the training data, used when steps is 0.")
+
+  bf16: bool = _COMPUTE(False, "Compute in bfloat16 and store the frozen base in bfloat16 (adapters stay "
+                               "float32).")
+  remat: bool = _COMPUTE(False, "Rematerialise each layer in the backward pass, keeping only layer inputs "
+                                "(native models; others: the whole forward with "
+                                "dots_with_no_batch_dims_saveable): less memory, more FLOPs.")
+  seed: int = _COMPUTE(0, "Seed of the adapter initialisation, the data order and dropout.")
+  reproducible: bool = _COMPUTE(True, "Pin XLA:CPU's numerics so that a run prints the same numbers on every "
+                                      "x86-64 CPU model with the same number of cores: code for AVX2, no "
+                                      "YNNPACK kernels (slower; GPU and TPU unaffected). Takes effect when JAX "
+                                      "has not started yet, as in the command.")
+
+  output_dir: str = _OUTPUT("runs/default", "Directory for checkpoints, the adapter (jlora and PEFT format), "
+                                            "metrics and the summary.")
+  log_every: int = _OUTPUT(10, "Log loss, gradient norm and tokens/s every this many steps.")
+  eval_every: int = _OUTPUT(100, "Compute the eval loss every this many steps (and after the last).")
+  save_every: int = _OUTPUT(100, "Write a resumable checkpoint every this many steps (and after the last).")
+  keep_checkpoints: int = _OUTPUT(2, "Checkpoints kept in output_dir/checkpoints (older ones are deleted).")
+  eval_exact_match: int = _OUTPUT(0, "Eval examples scored by exact match of greedy generations before and "
+                                     "after training (0 = all, -1 = none).")
+  max_new_tokens: int = _OUTPUT(16, "Longest generation when scoring exact match.")
+  save_merged: bool = _OUTPUT(False, "Also write the merged model as a Hugging Face directory "
+                                     "(output_dir/merged, safetensors loadable by transformers).")
+  progress: bool = _OUTPUT(True, "Show a progress bar.")
+
+  coordinator: str = _MULTI("", "Coordinator host:port for jax.distributed.initialize, or auto (Cloud TPU, "
+                                "SLURM, MPI, JAX_COORDINATOR_ADDRESS); empty = one process unless the "
+                                "environment is multi-host.")
+  num_processes: int = _MULTI(1, "Number of processes (with an explicit coordinator).")
+  process_id: int = _MULTI(0, "This process's index in [0, num_processes) (with an explicit coordinator).")
+  mesh: str = _MULTI("", "Mesh shape such as data=2,fsdp=4,tensor=1; empty = all devices on the data axis.")
+  sharding: str = _MULTI("fsdp", "Base-model sharding preset: fsdp, tp, fsdp_tp or replicated.")
 
   def __post_init__(self):
+    for f in dataclasses.fields(self):
+      _check_type(f.name, getattr(self, f.name), type(f.default))
+      if type(f.default) is float:  # an int where a float is expected (lr = 1 in a TOML file)
+        object.__setattr__(self, f.name, float(getattr(self, f.name)))
+
     def positive(name, allow_zero=False):
       v = getattr(self, name)
       if v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"TrainConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}.")
+        raise OptionError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
     for name in ("max_seq_len", "rank", "batch_size", "grad_accum", "log_every", "eval_every",
                  "save_every", "keep_checkpoints", "max_new_tokens", "lr", "alpha", "num_processes"):
       positive(name)
-    for name in ("steps", "warmup_steps", "weight_decay", "clip_norm", "epochs"):
+    for name in ("steps", "warmup_steps", "weight_decay", "clip_norm", "epochs", "seed", "process_id"):
       positive(name, allow_zero=True)
     if self.steps == 0 and self.epochs == 0:
-      raise ValueError("TrainConfig: set steps > 0 or epochs > 0.")
-    if self.schedule not in ("cosine", "linear", "constant"):
-      raise ValueError(f"TrainConfig.schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}.")
+      raise OptionError("steps", "must be > 0 when epochs is 0: set steps or epochs")
+    for name, allowed in (("schedule", _SCHEDULES), ("init", _INITS), ("sharding", _SHARDINGS)):
+      if getattr(self, name) not in allowed:
+        raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
     if not 0.0 < self.eval_fraction < 1.0:
-      raise ValueError(f"TrainConfig.eval_fraction must be in (0, 1), got {self.eval_fraction!r}.")
-    if self.sharding not in ("fsdp", "tp", "fsdp_tp", "replicated"):
-      raise ValueError(f"TrainConfig.sharding must be fsdp, tp, fsdp_tp or replicated, got {self.sharding!r}.")
+      raise OptionError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise OptionError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+    if self.eval_exact_match < -1:
+      raise OptionError("eval_exact_match", f"must be >= -1 (0 = all, -1 = none), got {self.eval_exact_match}")
+    if self.process_id >= self.num_processes:
+      raise OptionError("process_id", f"must be < num_processes ({self.num_processes}), got {self.process_id}")
+    if not self.output_dir:
+      raise OptionError("output_dir", "must not be empty")
+    if not self.targets:
+      raise OptionError("targets", "must not be empty: use all-linear, module names or a regex")
+    for name in ("targets", "exclude"):
+      try:
+        re.compile(getattr(self, name))
+      except re.error as e:
+        raise OptionError(name, f"is not a valid regex ({e}): {getattr(self, name)!r}") from None
 
   @property
   def model_dir(self) -> str:
@@ -144,65 +192,189 @@ class TrainConfig:
     return dataclasses.asdict(self)
 
 
-def _field_types() -> dict[str, type]:
-  out = {}
-  for f in dataclasses.fields(TrainConfig):
-    default = f.default
-    out[f.name] = type(default)
-  return out
+def _check_type(name: str, value: Any, want: type) -> None:
+  ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+  if want is float and isinstance(value, int) and not isinstance(value, bool):
+    ok = True
+  if not ok:
+    raise OptionError(name, f"must be {_TYPE_WORDS[want]}, got {type(value).__name__} {value!r}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+# Names other trainers (transformers' TrainingArguments, PEFT, axolotl) use for these options.
+ALIASES = {
+    "learning_rate": "lr", "lr_scheduler_type": "schedule", "lr_schedule": "schedule", "scheduler": "schedule",
+    "r": "rank", "lora_r": "rank", "lora_rank": "rank", "lora_alpha": "alpha", "use_rslora": "rslora",
+    "dropout": "lora_dropout", "target_modules": "targets", "exclude_modules": "exclude",
+    "init_lora_weights": "init", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum", "num_train_epochs": "epochs", "num_epochs": "epochs",
+    "max_steps": "steps", "num_steps": "steps", "train_steps": "steps", "warmup": "warmup_steps",
+    "max_grad_norm": "clip_norm", "grad_clip": "clip_norm", "gradient_clipping": "clip_norm",
+    "model_name_or_path": "model", "base_model": "model", "model_path": "model", "model_dir": "model",
+    "dataset": "data", "train_file": "data", "train_data": "data", "data_path": "data",
+    "eval_file": "eval_data", "validation_file": "eval_data", "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len", "seq_len": "max_seq_len", "sequence_len": "max_seq_len",
+    "cutoff_len": "max_seq_len", "packing": "pack", "sample_packing": "pack", "gradient_checkpointing": "remat",
+    "activation_checkpointing": "remat", "bfloat16": "bf16", "output": "output_dir", "out_dir": "output_dir",
+    "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
+    "save_total_limit": "keep_checkpoints",
+}
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _flag(name: str) -> str:
+  return "--" + name.replace("_", "-")
+
+
+def option_help(name: str) -> str:
+  """The one-line help of a ``TrainConfig`` field (what ``--help`` shows).
+
+  Example:
+    >>> from jlora.finetune.config import option_help
+    >>> option_help("rank")
+    'LoRA rank r (the inner size of A and B).'
+  """
+  return _fields()[name].metadata["help"]
+
+
+def _toml_value(v: Any) -> str:
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, str):
+    return json.dumps(v)
+  return repr(v)
+
+
+def config_template(cfg: TrainConfig | None = None) -> str:
+  """``cfg`` (default: the defaults) as a ``.toml`` config file with every option's help as a comment.
+
+  ``jlora-finetune --print-config`` prints it; ``--config`` reads it back.
+
+  Example:
+    >>> from jlora.finetune.config import config_template
+    >>> print(config_template().split("\\nrank = 8")[0].splitlines()[-1])
+    # LoRA rank r (the inner size of A and B).
+  """
+  import textwrap
+
+  cfg = cfg or TrainConfig()
+  lines = ["# jlora-finetune options (jlora-finetune --config FILE; flags override the file).",
+           "# Generated from the TrainConfig field help: jlora-finetune --print-config"]
+  section = None
+  for name, f in _fields().items():
+    if f.metadata["section"] != section:
+      section = f.metadata["section"]
+      lines += ["", f"# -- {section} --"]
+    lines += textwrap.wrap(f.metadata["help"], 100, initial_indent="# ", subsequent_indent="# ")
+    lines.append(f"{name} = {_toml_value(getattr(cfg, name))}")
+  return "\n".join(lines) + "\n"
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-  """Reads a ``.json`` or ``.toml`` config file into a dict of TrainConfig fields."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  with open(path, "rb") as f:
-    if path.endswith(".toml"):
-      import tomllib
+  """Reads a ``.json`` or ``.toml`` config file into a dict of TrainConfig fields.
 
-      data = tomllib.load(f)
-    elif path.endswith(".json"):
-      data = json.load(f)
-    else:
-      raise ValueError(f"config file {path!r}: use a .json or .toml file")
+  Raises:
+    UserError: the file is missing, unreadable, not a table of options, or has
+      an unknown key (the message names the file and the closest known key).
+  """
+  if not os.path.isfile(path):
+    raise UserError(f"--config {path!r}: no such file")
+  if not path.endswith((".toml", ".json")):
+    raise UserError(f"--config {path!r}: use a .toml or .json file")
+  with open(path, "rb") as f:
+    try:
+      if path.endswith(".toml"):
+        import tomllib
+
+        data = tomllib.load(f)
+      else:
+        data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError, json.JSONDecodeError
+      raise UserError(f"--config {path}: not valid {path.rsplit('.', 1)[1].upper()}: {e}") from None
   if not isinstance(data, Mapping):
-    raise ValueError(f"config file {path!r} must hold a table/object of options")
-  return {k.replace("-", "_"): v for k, v in data.items()}
+    raise UserError(f"--config {path}: must hold a table/object of options, got {type(data).__name__}")
+  fields = _fields()
+  out = {}
+  for key, value in data.items():
+    name = key.replace("-", "_")
+    if name not in fields:
+      near = suggest(name, list(fields), ALIASES)
+      nested = " (options are top-level keys, not tables)" if isinstance(value, Mapping) else ""
+      raise UserError(f"{path}: unknown option {key!r}{nested}"
+                      + (f"; did you mean {near!r}?" if near else "")
+                      + f" All options: {PROG} --help.")
+    out[name] = value
+  return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m jlora.finetune",
-      description="Fine-tune a causal LM with LoRA (jlora). With no arguments: the bundled "
-                  "tiny model on the bundled word-reversal task, offline.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--config", help="a .toml or .json file of options (flags override it)")
-  p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                 help="resume from the latest checkpoint in output_dir if there is one")
-  defaults = TrainConfig()
-  for name, typ in _field_types().items():
-    flag = "--" + name.replace("_", "-")
-    default = getattr(defaults, name)
+  """The ``jlora-finetune`` argument parser; each option's help is its ``TrainConfig`` field help."""
+  fields = _fields()
+  p = ArgumentParser(
+      prog=PROG, usage=f"{PROG} [--config FILE] [--OPTION VALUE ...]",
+      description="Fine-tune a causal LM with LoRA (jlora). With no arguments: the bundled tiny model on the "
+                  "bundled word-reversal task, offline. Every option can also be set in a --config file "
+                  "(the key is the option name without the dashes).",
+      suggest_flag=lambda flag: _flag(n) if (n := suggest(flag, list(fields), ALIASES)) else None)
+  run = p.add_argument_group("run")
+  run.add_argument("--config", metavar="FILE", help="A .toml or .json file of options; flags override it.")
+  run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="Resume from the newest readable checkpoint in output_dir if there is one "
+                        "(default: true). --no-resume refuses an output_dir that holds checkpoints.")
+  run.add_argument("--overwrite", action="store_true",
+                   help="Start fresh in an output_dir that holds an earlier run: its checkpoints, adapters, "
+                        "metrics and summary are deleted once this run's model and data have loaded (other "
+                        "files are kept).")
+  run.add_argument("--print-config", action="store_true",
+                   help="Print the options (defaults < --config < flags) as a commented .toml file and exit.")
+  groups: dict[str, Any] = {}
+  for name, f in fields.items():
+    section = f.metadata["section"]
+    group = groups.get(section) or groups.setdefault(section, p.add_argument_group(section))
+    help_text = f"{f.metadata['help']} (default: {_toml_value(f.default)})"
+    typ = type(f.default)
     if typ is bool:
-      p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                     help=f"(default: {default})")
+      group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                         help=help_text)
     else:
-      p.add_argument(flag, dest=name, type=typ, default=None, help=f"(default: {default!r})")
+      group.add_argument(_flag(name), dest=name, type=typ, default=None, metavar=name.upper(), help=help_text)
   return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-  """Defaults < config file < command-line flags."""
+  """Defaults < config file < command-line flags.
+
+  Raises:
+    UserError: a bad config file or option value; the message names the flag or
+      the file and key the value came from.
+
+  Example:
+    >>> from jlora.finetune.config import parse_args
+    >>> cfg, ns = parse_args(["--rank", "4", "--no-resume"])
+    >>> cfg.rank, ns.resume
+    (4, False)
+  """
   ns = build_parser().parse_args(argv)
   values: dict[str, Any] = {}
+  where: dict[str, str] = {}
   if ns.config:
-    values.update(load_config_file(ns.config))
-  for name in _field_types():
+    for name, v in load_config_file(ns.config).items():
+      values[name], where[name] = v, f"{ns.config}: {name}"
+  for name in _fields():
     v = getattr(ns, name)
     if v is not None:
-      values[name] = v
-  types = _field_types()
-  for k, v in list(values.items()):
-    if k in types and types[k] is float and isinstance(v, int) and not isinstance(v, bool):
-      values[k] = float(v)
-  return TrainConfig(**values), ns
+      values[name], where[name] = v, _flag(name)
+  if ns.overwrite and ns.resume:
+    raise UserError("--overwrite starts fresh, --resume continues: give one of them")
+  ns.resume = not ns.overwrite if ns.resume is None else ns.resume
+  try:
+    return TrainConfig(**values), ns
+  except OptionError as e:
+    default = _toml_value(_fields()[e.option].default)
+    raise UserError(f"{where.get(e.option, _flag(e.option))} {e.problem}. {_flag(e.option)}: "
+                    f"{option_help(e.option)} Default: {default}.") from None

@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from jlora.finetune.cli import UserError
+
 # Accepted (prompt, completion) key pairs, in order of preference.
 KEY_PAIRS = (("prompt", "completion"), ("input", "target"), ("instruction", "output"))
 
 
-class DataError(ValueError):
-  """A malformed data file or line (the message names the file and line)."""
+class DataError(UserError):
+  """A missing or malformed data file or line (the message names the file and line, and the fix)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,35 +53,56 @@ def _record_from_obj(obj: Any) -> Record:
   return Record(*rec)
 
 
-def load_records(path: str, *, skip_bad_lines: bool = False) -> tuple[list[Record], int]:
+def load_records(path: str, *, skip_bad_lines: bool = False, option: str = "--data") -> tuple[list[Record], int]:
   """Reads ``path`` (``.jsonl`` or plain text) into records; returns ``(records, skipped)``.
 
   Plain-text files become one trained-on record per blank-line-separated block.
 
+  Args:
+    path: the data file.
+    skip_bad_lines: skip malformed JSONL lines (counted) instead of raising.
+    option: the command-line option that named ``path`` (for error messages).
+
   Raises:
-    DataError: a bad JSONL line (with its line number) unless ``skip_bad_lines``.
+    DataError: a missing or empty file, or a bad JSONL line (with its line
+      number) unless ``skip_bad_lines``.
+
+  Example:
+    >>> import json, os, tempfile
+    >>> from jlora.finetune.data import load_records
+    >>> path = os.path.join(tempfile.mkdtemp(), "d.jsonl")
+    >>> _ = open(path, "w").write(json.dumps({"prompt": "2+2=", "completion": "4"}) + "\\n")
+    >>> load_records(path)
+    ([Record(prompt='2+2=', completion='4')], 0)
   """
   if not os.path.exists(path):
-    raise DataError(f"data file {path!r} does not exist")
+    raise DataError(f"{option} {path!r}: no such file")
+  if not os.path.isfile(path):
+    raise DataError(f"{option} {path!r} is not a file; give a .jsonl or .txt file")
   records, skipped = [], 0
-  if not path.endswith((".jsonl", ".json")):
-    with open(path, encoding="utf-8") as f:
-      blocks = [b.strip() for b in f.read().split("\n\n")]
-    records = [Record("", b) for b in blocks if b]
-  else:
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          records.append(_record_from_obj(json.loads(line)))
-        except (json.JSONDecodeError, ValueError) as e:
-          if skip_bad_lines:
-            skipped += 1
+  try:
+    if not path.endswith((".jsonl", ".json")):
+      with open(path, encoding="utf-8") as f:
+        blocks = [b.strip() for b in f.read().split("\n\n")]
+      records = [Record("", b) for b in blocks if b]
+    else:
+      with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+          if not line.strip():
             continue
-          raise DataError(f"{path}:{lineno}: {e}. Fix the line or pass --skip-bad-lines.") from None
+          try:
+            records.append(_record_from_obj(json.loads(line)))
+          except (json.JSONDecodeError, ValueError) as e:
+            if skip_bad_lines:
+              skipped += 1
+              continue
+            raise DataError(f"{path}:{lineno}: {e}. Fix the line or pass --skip-bad-lines.") from None
+  except UnicodeDecodeError as e:
+    raise DataError(f"{option} {path}: not UTF-8 text ({e})") from None
   if not records:
-    raise DataError(f"{path}: no usable records" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+    why = f"all {skipped} lines are malformed" if skipped else "the file is empty"
+    raise DataError(f"{option} {path}: no usable records ({why}); give one JSON object per line with "
+                    "prompt/completion, input/target, instruction/output or text (or a .txt file)")
   return records, skipped
 
 
@@ -100,7 +123,7 @@ def encode(tokenizer, record: Record, *, chat_template: bool) -> tuple[list[int]
   """Token ids of one record and its loss mask (1 on completion tokens and the final EOS)."""
   if chat_template:
     if not getattr(tokenizer, "chat_template", None):
-      raise DataError("--chat-template: this tokenizer has no chat template")
+      raise DataError("--chat-template: this model's tokenizer has no chat template; drop --chat-template")
     prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": record.prompt}],
                                                add_generation_prompt=True, tokenize=True)
   else:
@@ -135,7 +158,8 @@ def tokenize(records: Sequence[Record], tokenizer, *, max_len: int, pack: bool =
     flat_seg = [i + 1 for i, r in enumerate(rows) for _ in r]
     n = len(flat_ids) // max_len
     if n == 0:
-      raise DataError(f"--pack: the data holds {len(flat_ids)} tokens, fewer than max_seq_len={max_len}")
+      raise DataError(f"--pack: the data holds {len(flat_ids)} tokens, fewer than --max-seq-len {max_len}; "
+                      "lower --max-seq-len or add data")
     ids = np.asarray(flat_ids[: n * max_len], np.int32).reshape(n, max_len)
     lm = np.asarray(flat_mask[: n * max_len], np.float32).reshape(n, max_len)
     seg = np.asarray(flat_seg[: n * max_len], np.int32).reshape(n, max_len)
@@ -165,10 +189,11 @@ class Batches:
     self.seed = seed
     self.steps_per_epoch = len(data) // self.global_batch
     if self.steps_per_epoch == 0:
-      raise DataError(f"{len(data)} training sequences are fewer than one batch "
-                      f"(batch_size*grad_accum = {self.global_batch})")
+      raise DataError(f"the {len(data)} training sequences are fewer than one batch (--batch-size * "
+                      f"--grad-accum = {self.global_batch}); lower --batch-size or --grad-accum, or add data")
     if batch_size % process_count:
-      raise DataError(f"batch_size {batch_size} does not split over {process_count} processes")
+      raise DataError(f"--batch-size {batch_size} does not split over {process_count} processes; use a "
+                      "multiple of the process count")
     self.process_index = process_index
     self.process_count = process_count
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -16,9 +17,12 @@ import optax
 
 import jlora
 from jlora import _checkpoint as ck
+from jlora._tree import leaves_with_paths
 from jlora.finetune import data as data_lib
 from jlora.finetune import model as model_lib
-from jlora.finetune.checkpoint import TrainCheckpointer
+from jlora.finetune import rundir
+from jlora.finetune.checkpoint import START_FRESH, TrainCheckpointer
+from jlora.finetune.cli import UserError
 from jlora.finetune.config import TrainConfig
 from jlora.finetune.metrics import MetricsLog, plot_loss
 
@@ -130,12 +134,13 @@ def _dir_bytes(path: str) -> int:
   return total
 
 
-def _export_peft(directory: str, lora_params, loaded, base: str, say) -> str | None:
+def _export_peft(directory: str, lora_params, loaded, base: str, say, *, base_fingerprint: str) -> str | None:
   """The adapter in Hugging Face PEFT format too (for PyTorch PEFT / vLLM), when expressible."""
   from jlora import peft as peft_lib
 
   try:
-    return peft_lib.save(directory, lora_params, base_model_name_or_path=base, module_map=loaded.module_map)
+    return peft_lib.save(directory, lora_params, base_model_name_or_path=base, module_map=loaded.module_map,
+                         base_fingerprint=base_fingerprint)
   except (ValueError, peft_lib.PeftFormatError) as e:
     say(f"PEFT export skipped: {e}")
     return None
@@ -161,30 +166,107 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
-  """Runs a fine-tuning job; returns the summary also written to output_dir/summary.json."""
+def run(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False) -> dict[str, Any]:
+  """Runs a fine-tuning job; returns the summary also written to output_dir/summary.json.
+
+  Args:
+    cfg: the options.
+    resume: continue from the newest readable checkpoint in ``output_dir``; if
+      False, an ``output_dir`` that holds checkpoints is refused.
+    overwrite: start fresh, deleting what an earlier run wrote to ``output_dir``
+      (only once this run's model, data and adapters are set up).
+
+  Raises:
+    jlora.finetune.cli.UserError: bad data, model directory, targets or output
+      directory (before any training; the message names the option to fix).
+  """
+  from jlora.finetune import distributed, numerics
+
+  reproducible = numerics.pin() if cfg.reproducible else "not pinned: --no-reproducible"
+  if cfg.reproducible and reproducible.startswith("not"):
+    print(f"numerics: {reproducible}", flush=True)
+  distributed.initialize(cfg)
+  out = os.path.abspath(cfg.output_dir)
+  rundir.check(out, resume=resume and not overwrite, overwrite=overwrite)
+  with rundir.removed_on_failure(out) as state:
+    return _run(cfg, out, resume=resume and not overwrite, overwrite=overwrite, state=state,
+                numerics=reproducible)
+
+
+def _load_model(cfg: TrainConfig, mesh=None) -> model_lib.LoadedModel:
+  where = f"--model {cfg.model!r}" if cfg.model else f"the bundled model {cfg.model_dir!r}"
+  if not os.path.isdir(cfg.model_dir):
+    raise UserError(f"{where} is not a directory; give a local Hugging Face model directory (config.json "
+                    "and weights)")
+  if not os.path.exists(os.path.join(cfg.model_dir, "config.json")):
+    raise UserError(f"{where} has no config.json; give a Hugging Face model directory")
+  try:
+    return model_lib.load(cfg.model_dir, bf16=cfg.bf16, remat=cfg.remat,
+                          model_id=cfg.model or "jlora/tiny-base (bundled)", mesh=mesh, sharding=cfg.sharding)
+  except FileNotFoundError as e:  # the loader's "no weights" (or a tokenizer file missing)
+    raise UserError(f"{where}: {e}") from None
+
+
+def _module_names(layout) -> list[str]:
+  """Names of the modules whose kernels the model multiplies with (what --targets can list)."""
+  return sorted({p.split("/")[-2] for p, lay in layout.items() if p.endswith("/kernel") and not lay.embedding
+                 and "/" in p})
+
+
+def _lora_config(cfg: TrainConfig, base_params, layout, loaded: model_lib.LoadedModel) -> jlora.LoraConfig:
+  """The LoRA options as a ``jlora.LoraConfig`` for this model, or a ``UserError`` naming the option."""
+  model_id = loaded.model_id
+  try:
+    targets = loaded.resolve_targets(cfg.targets)
+    lora_cfg = jlora.LoraConfig(rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.lora_dropout,
+                                init=cfg.init, targets=targets, exclude=cfg.exclude or ())
+  except ValueError as e:  # jlora's checks of the options (user input)
+    raise UserError(f"--targets {cfg.targets!r} on {model_id}: {e}") from None
+  matched = [path for path, _ in leaves_with_paths(base_params) if re.fullmatch(targets, path)]
+  if matched and cfg.exclude and all(re.fullmatch(cfg.exclude, path) for path in matched):
+    raise UserError(f"--exclude {cfg.exclude!r} removes all {len(matched)} parameters --targets {cfg.targets!r} "
+                    f"selects (e.g. {matched[0]!r}); narrow --exclude")
+  if not matched:
+    shown = f" (the regex {targets!r})" if targets != cfg.targets else ""
+    raise UserError(f"--targets {cfg.targets!r}{shown} matches no parameter of {model_id}; use all-linear, "
+                    f"module names of this model ({','.join(_module_names(layout))}) or a regex (fullmatch) on "
+                    f"its '/'-joined parameter paths such as "
+                    f"{next((p for p, lay in layout.items() if not lay.embedding), '')!r}")
+  return lora_cfg
+
+
+def _init_adapters(cfg: TrainConfig, base_params, lora_cfg, layout, mesh, model_id: str):
   from jlora.finetune import distributed
 
-  distributed.initialize(cfg)
+  try:
+    return distributed.init_adapters(jax.random.key(cfg.seed), base_params, lora_cfg, layout, mesh)
+  except ValueError as e:  # jlora.init's checks of the options against this model (user input)
+    raise UserError(f"LoRA options (--targets {cfg.targets!r}, --exclude {cfg.exclude!r}, --rank {cfg.rank}) "
+                    f"on {model_id}: {e}") from None
+
+
+def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: dict, numerics: str
+         ) -> dict[str, Any]:
+  from jlora.finetune import distributed
+
   main_process = jax.process_index() == 0
-  out = os.path.abspath(cfg.output_dir)
-  os.makedirs(out, exist_ok=True)
   say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
   t_start = time.time()
 
+  # Everything a user can get wrong is checked first, cheapest first, and nothing is written yet.
+  records, skipped = data_lib.load_records(cfg.data_path, skip_bad_lines=cfg.skip_bad_lines)
+  if cfg.eval_path:
+    eval_records, _ = data_lib.load_records(cfg.eval_path, skip_bad_lines=cfg.skip_bad_lines,
+                                            option="--eval-data")
   mesh = distributed.make_mesh(cfg)
-  loaded = model_lib.load(cfg.model_dir, bf16=cfg.bf16, remat=cfg.remat, model_id=cfg.model or "jlora/tiny-base (bundled)",
-                          mesh=mesh, sharding=cfg.sharding)
+  loaded = _load_model(cfg, mesh)
   tok = loaded.tokenizer
   if not loaded.native:
     say(f"model: {loaded.model_type!r} is not a native jlora.models family; running transformers' Flax class"
         + (" (--pack: attention crosses example boundaries)" if cfg.pack else ""))
-  records, skipped = data_lib.load_records(cfg.data_path, skip_bad_lines=cfg.skip_bad_lines)
   if skipped:
     say(f"data: skipped {skipped} malformed lines of {cfg.data_path}")
-  if cfg.eval_path:
-    eval_records, _ = data_lib.load_records(cfg.eval_path, skip_bad_lines=cfg.skip_bad_lines)
-  else:
+  if not cfg.eval_path:
     order = np.random.default_rng(cfg.seed).permutation(len(records))
     n_eval = max(1, int(len(records) * cfg.eval_fraction))
     eval_records = [records[i] for i in order[:n_eval]]
@@ -198,10 +280,8 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   # Native parameters were placed on the mesh while loading; legacy ones are placed now.
   base_params = loaded.params if loaded.native else distributed.place(loaded.params, cfg, mesh)
   layout = loaded.layout
-  lora_cfg = jlora.LoraConfig(
-      rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.lora_dropout, init=cfg.init,
-      targets=loaded.resolve_targets(cfg.targets), exclude=cfg.exclude or ())
-  lora_params = distributed.init_adapters(jax.random.key(cfg.seed), base_params, lora_cfg, layout, mesh)
+  lora_cfg = _lora_config(cfg, base_params, layout, loaded)
+  lora_params = _init_adapters(cfg, base_params, lora_cfg, layout, mesh, loaded.model_id)
   counts = jlora.count(lora_params)
   say(f"model: {loaded.model_id} | {counts}")
   adapters, frozen = jlora.split(lora_params)
@@ -218,14 +298,29 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
   run_info = {"base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
               "train_config": cfg.to_dict()}
   meta = ck.adapter_metadata(adapters, base_model=loaded.model_id, base_fingerprint=fp, extra=run_info)
-  ckpt = TrainCheckpointer(os.path.join(out, "checkpoints"), keep=cfg.keep_checkpoints, save_every=cfg.save_every)
+
+  # Setup succeeded: only now is the output directory touched.
+  if overwrite and main_process:
+    removed = rundir.clear(out)
+    if removed:
+      say(f"--overwrite: deleted the earlier run's {', '.join(removed)} in {out}")
+  if overwrite and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("jlora-finetune overwrite")
+  os.makedirs(out, exist_ok=True)
+  ckpt = TrainCheckpointer(os.path.join(out, rundir.CHECKPOINTS), keep=cfg.keep_checkpoints,
+                           save_every=cfg.save_every)
   start = 0
-  latest = ckpt.latest_step() if resume else None
-  if latest is not None:
-    adapters, opt_state, rng, _ = ckpt.restore(latest, base_params=base_params, adapters_template=adapters,
-                                               opt_state_template=opt_state, rng_template=rng)
-    start = latest
-    say(f"resumed from {ckpt.directory}/{latest} (step {latest} of {total})")
+  if resume:
+    restored = ckpt.restore_newest_readable(say=say, base_params=base_params, adapters_template=adapters,
+                                            opt_state_template=opt_state, rng_template=rng)
+    if restored is not None:
+      start, (adapters, opt_state, rng, _) = restored
+      if start > total:
+        raise UserError(f"{ckpt.directory}/{start} is past this run's last step ({total}); rerun with the "
+                        f"--steps/--epochs it was started with, or {START_FRESH}")
+      say(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
 
   evaluate = make_eval(loaded.forward)
   n_em = len(eval_records) if cfg.eval_exact_match == 0 else max(cfg.eval_exact_match, 0)
@@ -249,6 +344,7 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
 
   step_fn = make_train_step(loaded.forward, tx, remat=cfg.remat and not loaded.native,
                             use_dropout=cfg.lora_dropout > 0)
+  state["started"] = True  # from here on a failure keeps the output directory
   log = MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main_process)
   log.truncate_after(start)
   bar = None
@@ -308,6 +404,7 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
       "adapter_dir": adapter_dir,
       "adapter_checkpoint_bytes": _dir_bytes(adapter_dir) if main_process else None,
       "base_model_bytes": model_lib.base_bytes(base_params),
+      "numerics": numerics,
       "seconds": time.time() - t_start,
   }
   if main_process:
@@ -316,7 +413,7 @@ def run(cfg: TrainConfig, *, resume: bool = True) -> dict[str, Any]:
       for row in examples:
         f.write(json.dumps(row) + "\n")
     summary["peft_dir"] = _export_peft(os.path.join(out, "peft"), host_lp, loaded,
-                                       cfg.model or os.path.abspath(cfg.model_dir), say)
+                                       cfg.model or os.path.abspath(cfg.model_dir), say, base_fingerprint=fp)
     if cfg.save_merged:
       merged_dir = os.path.join(out, "merged")
       loaded.save_pretrained(merged_dir, jlora.merge(host_lp))  # HF safetensors (+ tokenizer)

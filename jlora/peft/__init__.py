@@ -4,13 +4,26 @@
 Example:
   >>> import jlora.peft
   >>> sorted(n for n in jlora.peft.__all__)
-  ['ModuleMap', 'PeftFormatError', 'load', 'read_config', 'save']
+  ['ModuleMap', 'PeftFormatError', 'UnverifiedBaseWarning', 'load', 'read_base_fingerprint',
+   'read_config', 'save', 'verify_base']
 """
 
 from jlora.peft._format import PeftFormatError
+from jlora.peft._format import UnverifiedBaseWarning
 from jlora.peft._format import load
+from jlora.peft._format import read_base_fingerprint
 from jlora.peft._format import read_config
 from jlora.peft._format import save
+from jlora.peft._format import verify_base
 from jlora.peft._mapping import ModuleMap
 
-__all__ = ["ModuleMap", "PeftFormatError", "load", "read_config", "save"]
+__all__ = [
+    "ModuleMap",
+    "PeftFormatError",
+    "UnverifiedBaseWarning",
+    "load",
+    "read_base_fingerprint",
+    "read_config",
+    "save",
+    "verify_base",
+]

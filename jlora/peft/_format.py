@@ -13,12 +13,14 @@ import itertools
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from jlora import _checkpoint as ck
 from jlora._checkpoint import adapter_weights
 from jlora._tree import leaves_with_paths, path_str
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
@@ -27,12 +29,19 @@ from jlora.peft._mapping import ModuleMap
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# Key of the base model's jlora.fingerprint in the safetensors header's __metadata__ (free-form
+# strings that PEFT, vLLM and safetensors ignore; adapter_config.json must stay PEFT-only).
+FINGERPRINT_KEY = "jlora_base_fingerprint"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                   r"(?:\.(?P<adapter>[^.]+))?(?P<suffix>\.weight)?$")
 
 
 class PeftFormatError(ValueError):
   """A PEFT directory jlora cannot load faithfully (the message says what and why)."""
+
+
+class UnverifiedBaseWarning(UserWarning):
+  """A PEFT adapter without a recorded base fingerprint: loading it onto the wrong base goes unnoticed."""
 
 
 def _to_torch(w: LoraWeight) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
@@ -52,7 +61,7 @@ def _to_torch(w: LoraWeight) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarr
 
 def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
          module_map: ModuleMap | None = None, model_type: str | None = None,
-         task_type: str = "CAUSAL_LM") -> str:
+         task_type: str = "CAUSAL_LM", base_fingerprint: str | None = None) -> str:
   """Writes the adapters of ``params`` as a PEFT LoRA directory.
 
   ``PeftModel.from_pretrained(torch_model, directory)`` then loads it onto the
@@ -66,6 +75,10 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       for ``model_type`` (transformers' own models).
     model_type: transformers ``config.model_type`` selecting the built-in map.
     task_type: PEFT task type.
+    base_fingerprint: ``jlora.fingerprint`` of the base if already computed
+      (default: computed from ``params`` when they hold the base weights). It is stored in the
+      ``__metadata__`` of ``adapter_model.safetensors`` (which PEFT and vLLM
+      ignore) so that ``load`` can refuse another base.
 
   Returns:
     The directory written.
@@ -132,7 +145,12 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       "inference_mode": True,
   }
   os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+  header = {"format": "pt"}
+  if base_fingerprint is None and all(w.w0 is not None for w in weights.values()):
+    base_fingerprint = ck.fingerprint(params)
+  if base_fingerprint:  # (an adapters-only tree cannot say which base it belongs to)
+    header[FINGERPRINT_KEY] = base_fingerprint
+  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=header)
   with open(os.path.join(directory, CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   return directory
@@ -182,8 +200,74 @@ def read_config(directory: str) -> dict:
   return config
 
 
+def read_base_fingerprint(directory: str) -> str | None:
+  """The base model's ``jlora.fingerprint`` recorded by ``jlora.peft.save``; None if absent.
+
+  Adapters saved by PEFT itself (or by jlora before it recorded one) have none.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, jlora.peft, tempfile
+    >>> base = {"model": {"layers": {"0": {"q_proj": {"kernel": jnp.ones((8, 8))}}}}}
+    >>> lp = jlora.init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=".*q_proj/kernel"))
+    >>> d = jlora.peft.save(tempfile.mkdtemp(), lp)
+    >>> jlora.peft.read_base_fingerprint(d) == jlora.fingerprint(base)
+    True
+  """
+  from safetensors import safe_open
+
+  wpath = os.path.join(directory, WEIGHTS_NAME)
+  if not os.path.exists(wpath):
+    raise FileNotFoundError(f"{directory!r} has no {WEIGHTS_NAME}")
+  with safe_open(wpath, "np") as f:
+    metadata = f.metadata() or {}
+  return metadata.get(FINGERPRINT_KEY) or None
+
+
+_warned_unverified: set[str] = set()
+
+
+def verify_base(directory: str, params: Any, *, fix: str = ck.TRANSPLANT_FIX) -> bool:
+  """Checks that ``params`` is the base the PEFT adapter in ``directory`` was exported from.
+
+  Args:
+    directory: a PEFT adapter directory.
+    params: the Flax base parameters it is about to be loaded onto.
+    fix: the end of the mismatch message: what the caller's user can do.
+
+  Returns:
+    True if the recorded fingerprint matches; False if the adapter records
+    none (then an ``UnverifiedBaseWarning`` is issued, once per directory).
+
+  Raises:
+    jlora.AdapterMismatchError: the recorded fingerprint is another base's
+      (the message names both fingerprints and ``fix``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora, jlora.peft, tempfile
+    >>> base = {"model": {"layers": {"0": {"q_proj": {"kernel": jnp.ones((8, 8))}}}}}
+    >>> lp = jlora.init(jax.random.key(0), base, jlora.LoraConfig(rank=2, targets=".*q_proj/kernel"))
+    >>> d = jlora.peft.save(tempfile.mkdtemp(), lp)
+    >>> jlora.peft.verify_base(d, base)
+    True
+  """
+  recorded = read_base_fingerprint(directory)
+  if recorded is None:
+    key = os.path.abspath(directory)
+    if key not in _warned_unverified:
+      _warned_unverified.add(key)
+      warnings.warn(f"PEFT adapter {directory!r} records no base-model fingerprint (it was not exported by "
+                    "jlora), so jlora cannot verify that it is loaded onto the base it was trained on; make "
+                    "sure it is.", UnverifiedBaseWarning, stacklevel=2)
+    return False
+  base = read_config(directory).get("base_model_name_or_path") or ""
+  ck.verify_base({"base_fingerprint": recorded, "base_model": base}, params, where=f"PEFT adapter {directory!r}",
+                 fix=fix)
+  return True
+
+
 def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
-         model_type: str | None = None, layout: Mapping[str, Any] | None = None) -> Any:
+         model_type: str | None = None, layout: Mapping[str, Any] | None = None,
+         check_base: bool = True) -> Any:
   """Loads a PEFT LoRA directory onto Flax base ``params`` as a jlora tree.
 
   Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``) and
@@ -200,10 +284,13 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
       Kernels stacked along batch axes (scanned layers) are filled slice by
       slice from the modules ``module_map.to_module(path, index)`` names; slices
       the adapter does not cover keep A = B = 0.
+    check_base: compare the base fingerprint ``jlora.peft.save`` recorded with
+      ``params`` (see ``verify_base``); without a recorded one, warn.
 
   Raises:
     PeftFormatError: an unsupported PEFT feature, a tensor that matches no base
       parameter, or a shape mismatch (each names the key).
+    jlora.AdapterMismatchError: the adapter was exported from another base.
   """
   from safetensors.numpy import load_file
 
@@ -214,6 +301,8 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
       raise PeftFormatError(f"{directory!r} holds adapter_model.bin (pickle); re-save it with PEFT's "
                             "safe_serialization=True to get adapter_model.safetensors")
     raise FileNotFoundError(f"{directory!r} has no {WEIGHTS_NAME}")
+  if check_base:
+    verify_base(directory, params)
   tensors = load_file(wpath)
   mm = module_map or ModuleMap.for_model_type(model_type)
 

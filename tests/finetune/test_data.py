@@ -63,11 +63,19 @@ def test_bad_line_errors_name_the_line(tmp_path, line, match):
 
 
 def test_missing_and_empty_files(tmp_path):
-  with pytest.raises(data_lib.DataError, match="does not exist"):
+  with pytest.raises(data_lib.DataError, match=r"--data '.*nope.jsonl': no such file"):
     data_lib.load_records(str(tmp_path / "nope.jsonl"))
+  with pytest.raises(data_lib.DataError, match=r"--eval-data .* is not a file"):
+    data_lib.load_records(str(tmp_path), option="--eval-data")
   path = write(tmp_path, "e.jsonl", ["{bad"])
-  with pytest.raises(data_lib.DataError, match=r"no usable records \(1 bad lines skipped\)"):
+  with pytest.raises(data_lib.DataError, match=r"no usable records \(all 1 lines are malformed\); give one JSON"):
     data_lib.load_records(path, skip_bad_lines=True)
+  (tmp_path / "empty.txt").write_text("\n\n")
+  with pytest.raises(data_lib.DataError, match=r"--data .*empty.txt: no usable records \(the file is empty\)"):
+    data_lib.load_records(str(tmp_path / "empty.txt"))
+  (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
+  with pytest.raises(data_lib.DataError, match="not UTF-8 text"):
+    data_lib.load_records(str(tmp_path / "binary.jsonl"))
 
 
 def test_prompt_tokens_are_masked_out_of_the_loss():
@@ -124,7 +132,7 @@ def test_batches_are_deterministic_and_cover_each_epoch():
   halves = [data_lib.Batches(t, batch_size=2, grad_accum=2, seed=3, process_index=i, process_count=2).indices(5)
             for i in range(2)]
   np.testing.assert_array_equal(np.concatenate(halves, axis=1), b.indices(5))
-  with pytest.raises(data_lib.DataError, match="batch_size 3 does not split over 2 processes"):
+  with pytest.raises(data_lib.DataError, match="--batch-size 3 does not split over 2 processes"):
     data_lib.Batches(t, batch_size=3, grad_accum=1, seed=0, process_count=2)
-  with pytest.raises(data_lib.DataError, match="fewer than one batch"):
+  with pytest.raises(data_lib.DataError, match=r"fewer than one batch .*; lower --batch-size"):
     data_lib.Batches(t, batch_size=8, grad_accum=2, seed=0)

@@ -52,7 +52,7 @@ def test_finetune_on_local_hf_checkpoint(tmp_path, arch, fmt):
   out = tmp_path / "out"
   cfg = TrainConfig(model=model_dir, output_dir=str(out), steps=4, batch_size=4, max_seq_len=32,
                     eval_exact_match=8, max_new_tokens=4, log_every=2, save_every=2, progress=False,
-                    save_merged=True, targets="all-linear")
+                    save_merged=True, targets="all-linear", reproducible=False)
   summary = run(cfg)
   assert summary["steps"] == 4 and 0.0 <= summary["after"]["exact_match"] <= 1.0
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]

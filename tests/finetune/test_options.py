@@ -13,8 +13,9 @@ from jlora.finetune import data as data_lib
 from jlora.finetune import model as model_lib
 from jlora.finetune.config import DEFAULT_MODEL
 
+# reproducible=False: in-process runs leave this test process's XLA flags alone.
 QUICK = dict(steps=8, batch_size=4, max_seq_len=32, eval_exact_match=4, max_new_tokens=4, log_every=2,
-             save_every=4, eval_every=4, progress=False)
+             save_every=4, eval_every=4, progress=False, reproducible=False)
 
 
 def _small_eval(tmp_path):

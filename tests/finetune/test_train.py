@@ -114,4 +114,6 @@ def test_checkpoint_metadata_and_other_base_is_refused(reference, tmp_path):
   loaded = model_lib.load(str(other_dir))
   model_lib.save_pretrained(loaded, str(other_dir), jax.tree.map(lambda x: x * 1.01, loaded.params))
   res = subprocess.run([*_cmd(moved, 44), "--model", str(other_dir)], capture_output=True, text=True)
-  assert res.returncode != 0 and "AdapterMismatchError" in res.stderr and "fingerprint" in res.stderr
+  assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+  assert res.stderr.startswith("jlora-finetune: error: checkpoint ") and "fingerprint" in res.stderr
+  assert "--model this run was started with" in res.stderr and "--overwrite" in res.stderr

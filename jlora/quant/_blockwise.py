@@ -160,7 +160,13 @@ def dequantize_dynamic(codes: jax.Array, absmax: jax.Array, offset: jax.Array,
                        blocksize: int = NESTED_BLOCKSIZE) -> jax.Array:
   """``code[q] * absmax[i // blocksize] + offset`` in float32 (the nested absmax decode)."""
   values = jnp.asarray(_codebook.DYNAMIC)[codes.astype(jnp.int32)]
-  return scale_blocks(values, absmax, blocksize) + jnp.asarray(offset, jnp.float32)[..., None]
+  scaled = scale_blocks(values, absmax, blocksize)
+  # bitsandbytes rounds the product, then adds the offset (two roundings). XLA's CPU backend
+  # contracts `a * b + c` into one fused multiply-add (one rounding) and drops optimization
+  # barriers and no-op reduce_precision; a select on the product keeps it apart. (Only a NaN
+  # product, which no finite absmax gives, would become 0.)
+  scaled = jnp.where(scaled == scaled, scaled, jnp.float32(0))
+  return scaled + jnp.asarray(offset, jnp.float32)[..., None]
 
 
 def mean_f32(x: jax.Array) -> jax.Array:

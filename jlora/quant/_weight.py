@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -94,7 +95,9 @@ class NF4Weight:
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
     """The dense kernel in ``dtype`` (default: the original dtype), decoded in float32."""
-    return self.format.decode(self.storage, dtype or self.format.dtype)
+    if any(isinstance(v, jax.core.Tracer) for v in self.storage.values()):
+      return self.format.decode(self.storage, dtype or self.format.dtype)
+    return _decoder(self.format, jnp.dtype(dtype or self.format.dtype).name)(self.storage)
 
   def __jlora_lazy__(self) -> Deferred:
     return Deferred(self.storage, Decoder(self.format), self.format.shape, self.format.decode_dtype)
@@ -160,6 +163,11 @@ class NF4Weight:
     f = self.format
     kind = f"{f.quant_type}{'+dq' if f.double_quant else ''}/{f.blocksize}"
     return f"NF4Weight({jnp.dtype(f.dtype).name}{list(f.shape)}, {kind}, {self.nbytes if _concrete(self) else '?'} bytes)"
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(fmt: NF4Format, dtype: str):
+  return jax.jit(lambda storage: fmt.decode(storage, dtype))
 
 
 def _concrete(w: NF4Weight) -> bool:

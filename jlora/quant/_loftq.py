@@ -38,8 +38,8 @@ def _iterations(name: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _solver(fmt: NF4Format, rank: int, iters: int, scale: float):
-  """Jitted LoftQ for kernels of one format: ``w -> (storage, a, b)``."""
+def _solver(fmt: NF4Format, rank: int, iters: int):
+  """Jitted LoftQ for kernels of one format: ``(w, scale) -> (storage, a, b)``."""
   nb = fmt.stack
   in_dims = [fmt.shape[a] for a in fmt.in_axes]
   out_dims = [fmt.shape[a] for a in fmt.out_axes]
@@ -62,18 +62,26 @@ def _solver(fmt: NF4Format, rank: int, iters: int, scale: float):
     deq = jax.vmap(lambda s: layer.decode(s, jnp.float32))(storage)
     return storage, to_mats(deq.reshape(fmt.shape))
 
-  def solve(w):
+  def low_rank(r):  # rank-r SVD factors of (S, n_in, n_out) residuals
+    u, s, vh = jnp.linalg.svd(r, full_matrices=False)
+    root = jnp.sqrt(s[:, :rank])
+    left = u[:, :, :rank] * root[:, None, :]  # (S, n_in, r): x·left is the input side (PEFT's lora_A)
+    right = root[:, :, None] * vh[:, :rank, :]  # (S, r, n_out): PEFT's lora_B
+    return left, right
+
+  def solve(w, scale):
     target = to_mats(jnp.asarray(w, jnp.float32))
-    res = target
-    for _ in range(iters):
-      storage, q = quantize(res)
-      u, s, vh = jnp.linalg.svd(target - q, full_matrices=False)
-      root = jnp.sqrt(s[:, :rank])
-      left = u[:, :, :rank] * root[:, None, :]  # (S, n_in, r): x·left is the input side (PEFT's lora_A)
-      right = root[:, :, None] * vh[:, :rank, :]  # (S, r, n_out): PEFT's lora_B
-      res = target - left @ right
+
+    def step(_, res):
+      _, q = quantize(res)
+      left, right = low_rank(target - q)
+      return target - left @ right
+
+    res = jax.lax.fori_loop(0, iters - 1, step, target)
+    storage, q = quantize(res)
+    left, right = low_rank(target - q)
     storage = {k: v.reshape(*fmt.stack_shape, *v.shape[1:]) for k, v in storage.items()}
-    root_scale = jnp.sqrt(jnp.float32(scale))
+    root_scale = jnp.sqrt(jnp.asarray(scale, jnp.float32))
     a = (left / root_scale).reshape(*fmt.stack_shape, *in_dims, rank)
     b = (right / root_scale).reshape(*fmt.stack_shape, rank, *out_dims)
     return storage, a, b
@@ -95,7 +103,7 @@ def loftq_init(key, spec, w0, config):
     raise ValueError(f"{where}: stacked axes {spec.batch_axes} of a kernel of shape {spec.shape} must lead it.")
   dtype = jnp.dtype(getattr(w0, "dtype", jnp.float32))
   fmt = NF4Format(shape=spec.shape, dtype=dtype.name, in_axes=spec.in_axes, stack=len(spec.batch_axes))
-  storage, a, b = _solver(fmt, spec.rank, _iterations(config.init), spec.scale)(w0)
+  storage, a, b = _solver(fmt, spec.rank, _iterations(config.init))(w0, spec.scale)
   return NF4Weight.from_storage(storage, fmt), {"a": a, "b": b}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jlora
 
@@ -13,7 +14,7 @@ STACKED = jlora.KernelLayout(in_axes=(1,), batch_axes=(0,))
 NAMES = ("q", "k", "v", "o", "up", "down")
 
 
-def model():
+def model(scan: bool):
   keys = iter(jax.random.split(jax.random.key(0), 8))
   shapes = {"q": (D, D), "k": (D, D), "v": (D, D), "o": (D, D), "up": (D, FF), "down": (FF, D)}
   layers = {n: (jax.random.normal(next(keys), (L, *s)) / np.sqrt(s[0])).astype(jnp.bfloat16) for n, s in shapes.items()}
@@ -25,7 +26,12 @@ def model():
       h = h + jnp.einsum("bts,bsd->btd", att, h @ w["v"]) @ w["o"]
       return h + jax.nn.gelu(h @ w["up"]) @ w["down"], None
 
-    h, _ = jax.lax.scan(body, x, p["layers"])
+    if scan:
+      h, _ = jax.lax.scan(body, x, p["layers"])
+    else:  # unrolled: each layer's kernels indexed out of the stack (decoded one layer at a time too)
+      h = x
+      for i in range(L):
+        h, _ = body(h, {n: w[i] for n, w in p["layers"].items()})
     return h @ p["head"]
 
   return f, params, {f"layers/{n}": STACKED for n in NAMES}
@@ -38,8 +44,9 @@ def step_temp_bytes(f, lp, x):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_qlora_step_temp_memory_is_bf16_lora_plus_at_most_two_layers():
-  f, params, layout = model()
+@pytest.mark.parametrize("scan", [True, False])
+def test_qlora_step_temp_memory_is_bf16_lora_plus_at_most_two_layers(scan):
+  f, params, layout = model(scan)
   x = jax.random.normal(jax.random.key(1), (2, 64, D), jnp.bfloat16)
   cfg = jlora.LoraConfig(rank=8, targets=r"layers/.*", adapter_dtype="bfloat16")
   bf16 = step_temp_bytes(f, jlora.init(jax.random.key(2), params, cfg, layout=layout), x)

@@ -79,6 +79,8 @@ def _desc(x: Any) -> str:
   """Short description of a child for reprs, whatever it is (array, shape tuple, None...)."""
   if x is None:
     return "None"
+  if is_lazy_node(x):  # a kernel stored in another form describes itself (e.g. NF4Weight)
+    return repr(x)
   shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
   if shape is not None and dtype is not None:
     try:

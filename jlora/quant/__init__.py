@@ -26,7 +26,7 @@ from jlora.quant._bnb import quant_state_keys
 from jlora.quant._bnb import stack
 from jlora.quant._bnb import to_bnb
 from jlora.quant._format import NF4Format
-from jlora.quant._loftq import loftq_init
+from jlora.quant import _loftq  # noqa: F401  (registers LoraConfig(init="loftq[_N]"))
 from jlora.quant._merge import RoundingError
 from jlora.quant._merge import merge_quantized
 from jlora.quant._weight import NF4Weight
@@ -38,7 +38,6 @@ __all__ = [
     "dequantize",
     "from_bnb",
     "is_bnb_4bit",
-    "loftq_init",
     "merge_quantized",
     "quant_state_keys",
     "quantize",

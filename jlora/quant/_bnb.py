@@ -36,13 +36,27 @@ def _np(x: Any) -> np.ndarray:
 
 
 def quant_state_keys(prefix: str = "weight") -> tuple[str, ...]:
-  """Every key a 4-bit weight may add beside ``prefix`` in a state dict."""
+  """Every key a 4-bit weight may add beside ``prefix`` in a state dict.
+
+  Example:
+    >>> from jlora.quant import quant_state_keys
+    >>> quant_state_keys("w")[:2]
+    ('w.absmax', 'w.quant_map')
+  """
   return tuple(f"{prefix}.{k}" for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")) + tuple(
       f"{prefix}.{STATE_KEY}{t}" for t in _codebook.QUANT_TYPES)
 
 
 def is_bnb_4bit(entries: Mapping[str, Any], prefix: str = "weight") -> bool:
-  """Whether ``entries`` holds a bitsandbytes 4-bit weight under ``prefix``."""
+  """Whether ``entries`` holds a bitsandbytes 4-bit weight under ``prefix``.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> from jlora.quant import is_bnb_4bit, to_bnb
+    >>> sd = to_bnb(jlora.quantize({"w": jnp.ones((64, 8))}, targets="w")["w"], prefix="lin.weight")
+    >>> is_bnb_4bit(sd, "lin.weight"), is_bnb_4bit({"lin.weight": sd["lin.weight"]}, "lin.weight")
+    (True, False)
+  """
   return any(f"{prefix}.{STATE_KEY}{t}" in entries for t in _codebook.QUANT_TYPES)
 
 

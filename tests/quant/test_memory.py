@@ -9,7 +9,7 @@ import pytest
 
 import jlora
 
-L, D, FF = 4, 256, 512
+L, D, FF = 3, 128, 384
 STACKED = jlora.KernelLayout(in_axes=(1,), batch_axes=(0,))
 NAMES = ("q", "k", "v", "o", "up", "down")
 
@@ -22,7 +22,7 @@ def model(scan: bool):
 
   def f(p, x):
     def body(h, w):
-      att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", h @ w["q"], h @ w["k"]) / 16, axis=-1)
+      att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", h @ w["q"], h @ w["k"]) / np.sqrt(D), axis=-1)
       h = h + jnp.einsum("bts,bsd->btd", att, h @ w["v"]) @ w["o"]
       return h + jax.nn.gelu(h @ w["up"]) @ w["down"], None
 

@@ -31,6 +31,10 @@ from jlora._partition import trainable_mask
 from jlora._variant import Variant
 from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
+from jlora.quant import NF4Weight
+from jlora.quant import dequantize
+from jlora.quant import merge_quantized
+from jlora.quant import quantize
 
 __version__ = "0.1.0"
 
@@ -41,18 +45,22 @@ __all__ = [
     "LoraConfig",
     "LoraSpec",
     "LoraWeight",
+    "NF4Weight",
     "ParamCount",
     "Rule",
     "Variant",
     "combine",
     "count",
+    "dequantize",
     "fingerprint",
     "infer_layout",
     "init",
     "labels",
     "load_adapter",
     "merge",
+    "merge_quantized",
     "optimizer",
+    "quantize",
     "read_adapter_metadata",
     "save_adapter",
     "split",

@@ -11,9 +11,10 @@ import jax
 import numpy as np
 
 from jlora._config import KernelLayout
+from jlora._lazy import is_lazy_node
 from jlora._tree import leaves_with_paths, path_str
 from jlora._variant import PLAIN, Variant
-from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
 
 FORMAT = "jlora-adapter/1"
 Params = Any
@@ -24,22 +25,36 @@ class AdapterMismatchError(ValueError):
 
 
 def fingerprint(params: Params, *, samples: int = 1024) -> str:
-  """A short, fast fingerprint of a base model's weights.
+  """A short, fast fingerprint of a base model's weights, whatever their storage.
 
-  Hashes every leaf's path, shape and dtype plus ``samples`` evenly strided
+  Hashes every leaf's path, shape and dtype plus about ``samples`` sampled
   values, so different pretrained weights (or a different architecture) give a
-  different fingerprint without reading every byte of a large model. Adapters
-  are ignored: the fingerprint of ``jlora.init(...)`` output equals the base's.
+  different fingerprint without reading every byte of a large model. Kernels
+  (floating leaves with >= 2 axes) are hashed by the NF4 codes of sampled
+  blocks (``jlora.quant._fingerprint``), which a 4-bit ``jlora.NF4Weight`` of the
+  same kernel stores bit for bit: the fingerprint of ``jlora.quantize(params,
+  ...)`` equals that of ``params``, so an adapter trained with QLoRA loads onto
+  the dense base and vice versa. Adapters are ignored: the fingerprint of
+  ``jlora.init(...)`` output equals the base's.
 
   Example:
     >>> import jax.numpy as jnp, jlora
     >>> jlora.fingerprint({"w": jnp.ones((4, 4))}) == jlora.fingerprint({"w": jnp.ones((4, 4))})
     True
   """
+  from jlora.quant._fingerprint import kernel_digest
+
   h = hashlib.sha256()
   base = jax.tree_util.tree_map(lambda x: x.w0 if is_lora_weight(x) else x, params, is_leaf=is_lora_weight)
-  for path, leaf in sorted(leaves_with_paths(base), key=lambda kv: kv[0]):
+  for path, leaf in sorted(leaves_with_paths(base, is_leaf=is_lazy_node), key=lambda kv: kv[0]):
+    digest = getattr(type(leaf), "__jlora_digest__", None)
+    if digest is not None:  # a kernel stored in another form describes its dense values itself
+      h.update(f"{path}|".encode() + digest(leaf, samples))
+      continue
     if not hasattr(leaf, "shape"):
+      continue
+    if len(leaf.shape) >= 2 and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+      h.update(f"{path}|".encode() + kernel_digest(leaf, samples))
       continue
     h.update(f"{path}|{tuple(leaf.shape)}|{np.dtype(leaf.dtype).name};".encode())
     if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -161,7 +176,7 @@ def attach(params: Params, meta: Mapping[str, Any], state: Mapping[str, Any], *,
     kids = {n: flat_state[f"{p}/{n}"] for n in spec.factor_axes}
     return LoraWeight(leaf, kids.pop("a"), kids.pop("b"), spec, kids)
 
-  out = jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_lora_weight)
+  out = jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_node)  # a lazy (4-bit) kernel is one leaf
   missing = sorted(set(specs) - found)
   if missing:
     raise AdapterMismatchError(
@@ -175,7 +190,7 @@ def _abstract_state(meta: Mapping[str, Any], params: Params = None) -> dict:
   """Restore targets for the factors; sharded like their base kernels when those are sharded."""
   from jax.sharding import NamedSharding
 
-  bases = dict(leaves_with_paths(params)) if params is not None else {}
+  bases = dict(leaves_with_paths(params, is_leaf=is_node)) if params is not None else {}
   flat = {}
   for p, d in meta["adapters"].items():
     spec = _spec_from_json(d)

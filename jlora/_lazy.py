@@ -47,6 +47,11 @@ class LazyBase(abc.ABC):
   def materialize(self) -> jax.Array:
     """The dense value: decode the stored form, then replay the recorded ops."""
 
+  def materialize_as(self, dtype: Any) -> jax.Array:
+    """The dense value decoded straight to ``dtype`` (e.g. float32 for a merge); by default
+    ``materialize()`` cast."""
+    return self.materialize().astype(dtype)
+
   @abc.abstractmethod
   def scan_split(self) -> tuple[Any, Any]:
     """``(children, rebuild)``: children with the leading (stacked) axis first, for ``lax.scan``,
@@ -62,9 +67,13 @@ def lazy_of(x: Any) -> LazyBase:
   return type(x).__jlora_lazy__(x)
 
 
-def dense(x: Any) -> jax.Array:
-  """The dense value of a kernel, materialising a lazy one."""
-  return lazy_of(x).materialize() if is_lazy_node(x) else jnp.asarray(x)
+def dense(x: Any, dtype: Any = None) -> jax.Array:
+  """The dense value of a kernel, materialising a lazy one (in its compute dtype, or straight
+  to ``dtype``: a 4-bit kernel is then decoded in float32 without a detour through bfloat16)."""
+  if is_lazy_node(x):
+    lz = lazy_of(x)
+    return lz.materialize() if dtype is None else lz.materialize_as(dtype)
+  return jnp.asarray(x) if dtype is None else jnp.asarray(x).astype(dtype)
 
 
 def placeholder(x: Any) -> jax.ShapeDtypeStruct:
@@ -140,6 +149,11 @@ class Deferred(LazyBase):
     for (primitive, params), rest in zip(self.ops, self.operands):
       x = primitive.bind(x, *rest, **params)
     return x
+
+  def materialize_as(self, dtype: Any) -> jax.Array:
+    if self.ops:  # recorded ops expect the compute dtype
+      return self.materialize().astype(dtype)
+    return self.decode(self.storage, self.dense_shape).astype(dtype)
 
   def scan_split(self) -> tuple[Any, Any]:
     from jlora._lowrank import Unsupported

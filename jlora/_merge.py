@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._lazy import dense
-from jlora._weight import is_lora_weight
+from jlora._lazy import dense, is_lazy_node, placeholder
+from jlora._weight import is_lora_weight, is_node
 
 Params = Any
 
@@ -18,7 +18,9 @@ def merge(params: Params) -> Params:
 
   The merge is computed in float32 and cast to ``W0``'s dtype at the end, so the
   result has the original structure and dtypes and runs with the plain,
-  unwrapped apply function at zero overhead.
+  unwrapped apply function at zero overhead. Kernels stored in another form
+  (e.g. ``jlora.NF4Weight``) are decoded straight to float32 before the sum and
+  come out dense in their compute dtype, also where they carry no adapter.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -29,14 +31,16 @@ def merge(params: Params) -> Params:
   """
 
   def fold(x):
+    if is_lazy_node(x):  # a frozen kernel stored in another form, without adapter
+      return dense(x)
     if not is_lora_weight(x):
       return x
     if not x.is_complete:
       raise ValueError(f"jlora.merge: incomplete LoraWeight {x!r}; combine the split halves first.")
-    w0 = dense(x.w0)  # a lazy (e.g. 4-bit) base is decoded to its compute dtype
-    return x.spec.variant.merged(x, w0.astype(jnp.float32)).astype(w0.dtype)
+    dtype = placeholder(x.w0).dtype if is_lazy_node(x.w0) else x.w0.dtype
+    return x.spec.variant.merged(x, dense(x.w0, jnp.float32)).astype(dtype)
 
-  return jax.tree_util.tree_map(fold, params, is_leaf=is_lora_weight)
+  return jax.tree_util.tree_map(fold, params, is_leaf=is_node)
 
 
 def unload(params: Params) -> Params:

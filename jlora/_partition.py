@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from jlora._weight import LoraWeight, is_lora_weight
+from jlora._weight import LoraWeight, is_lora_weight, is_node
 
 Params = Any
 
@@ -47,8 +47,9 @@ def split(params: Params) -> tuple[Params, Params]:
 
   if not any(is_lora_weight(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_lora_weight)):
     raise ValueError("jlora.split: the tree holds no LoraWeight; create adapters with jlora.init first.")
-  adapters = jax.tree_util.tree_map(adapter_part, params, is_leaf=is_lora_weight)
-  frozen = jax.tree_util.tree_map(frozen_part, params, is_leaf=is_lora_weight)
+  # Kernels stored in another form (jlora._lazy) are frozen leaves as a whole.
+  adapters = jax.tree_util.tree_map(adapter_part, params, is_leaf=is_node)
+  frozen = jax.tree_util.tree_map(frozen_part, params, is_leaf=is_node)
   return adapters, frozen
 
 

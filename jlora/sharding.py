@@ -15,6 +15,13 @@ So ``x·A`` needs the same collectives as ``x·W0`` and ``(x·A)·B`` produces a
 output sharded like ``x·W0``'s. ``"replicate"`` keeps adapters whole on every
 device (stacked axes keep their spec).
 
+Kernels stored in another form (``jlora.NF4Weight``) are sharded like the dense
+kernel they stand for: a rule matches the node's path and the kernel's spec is
+mapped onto the stored arrays by the node's ``__jlora_specs__`` (stacked axes
+keep their spec; NF4's ``[out, in/2]`` codes take the kernel's output and input
+specs), so ``partition_specs``, ``specs_of``, ``put``, ``lora_specs`` and
+``init_sharded`` take quantized trees as they are.
+
 Example:
   >>> from jax.sharding import PartitionSpec as P
   >>> import jlora, jlora.sharding
@@ -33,8 +40,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jlora._lazy import is_lazy_node
 from jlora._tree import leaves_with_paths, path_str
-from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
 
 Policy = Literal["derive", "replicate"]
 Rules = Sequence[tuple[str, P]]
@@ -49,6 +57,32 @@ def _padded(spec: P, ndim: int) -> tuple:
   if len(entries) > ndim:
     raise ValueError(f"PartitionSpec {spec} has more entries than the kernel has axes ({ndim})")
   return entries + (None,) * (ndim - len(entries))
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, P) or is_lazy_node(x)
+
+
+def kernel_spec(s: Any) -> P:
+  """The kernel ``PartitionSpec`` of a spec-tree entry (a ``P``, or a quantized node of specs)."""
+  if isinstance(s, P):
+    return s
+  get = getattr(s, "kernel_spec", None)
+  spec = get() if get is not None else None
+  return spec if spec is not None else P()
+
+
+def storage_specs(node: Any, spec: P, sizes: Mapping[str, int] | None = None) -> Any:
+  """Specs of the stored arrays of a kernel stored in another form, sharded like ``spec``."""
+  hook = getattr(type(node), "__jlora_specs__", None)
+  if hook is None:  # no sharding rule of its own: keep its arrays whole on every device
+    return jax.tree.map(lambda _: P(), node)
+
+  def axis_size(entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([(sizes or {}).get(e, 1) for e in names if e is not None]))
+
+  return hook(node, spec, axis_size)
 
 
 def child_specs(spec: LoraSpec, kernel_spec: P, policy: Policy = "derive") -> dict[str, P]:
@@ -79,7 +113,7 @@ def lora_specs(params: Any, base_specs: Any, policy: Policy = "derive") -> Any:
   ``LoraWeight`` nodes of specs; ``None`` halves from ``jlora.split``
   stay ``None``).
   """
-  flat_specs = {p: s for p, s in leaves_with_paths(base_specs, is_leaf=lambda x: isinstance(x, P))}
+  flat_specs = {p: s for p, s in leaves_with_paths(base_specs, is_leaf=_is_spec)}
 
   def spec_for(path, leaf):
     p = path_str(path)
@@ -87,12 +121,12 @@ def lora_specs(params: Any, base_specs: Any, policy: Policy = "derive") -> Any:
       raise ValueError(f"no PartitionSpec for {p!r} in base_specs")
     s = flat_specs[p]
     if is_lora_weight(leaf):
-      kids = child_specs(leaf.spec, s, policy)
+      kids = child_specs(leaf.spec, kernel_spec(s), policy)
       return leaf.replace(w0=None if leaf.w0 is None else s,
                           **{n: None if v is None else kids[n] for n, v in leaf.factors.items()})
     return s
 
-  return jax.tree_util.tree_map_with_path(spec_for, params, is_leaf=is_lora_weight)
+  return jax.tree_util.tree_map_with_path(spec_for, params, is_leaf=is_node)
 
 
 def specs_of(params: Any) -> Any:
@@ -185,11 +219,11 @@ def partition_specs(params: Any, rules: Rules, *, mesh: Mesh | None = None) -> A
             raise ValueError(
                 f"{p!r} (shape {tuple(leaf.shape)}): axis {axis} of size {leaf.shape[axis]} does not split "
                 f"over mesh axes {entry!r} ({n} devices); change the mesh or add an earlier rule for it.")
-        return P(*entries)
+        return storage_specs(leaf, P(*entries), sizes) if is_lazy_node(leaf) else P(*entries)
     unmatched.append(p)
-    return P()
+    return storage_specs(leaf, P(), sizes) if is_lazy_node(leaf) else P()
 
-  specs = jax.tree_util.tree_map_with_path(spec_for, params)
+  specs = jax.tree_util.tree_map_with_path(spec_for, params, is_leaf=is_lazy_node)
   if unmatched:
     raise ValueError(f"{len(unmatched)} parameters match no sharding rule: {unmatched[:20]}"
                      + (" ..." if len(unmatched) > 20 else "") + "; add a rule such as ('.*', P()).")
@@ -266,7 +300,7 @@ def attach_base(adapters: Any, base_params: Any) -> Any:
     w = weights.get(path_str(path))
     return leaf if w is None else w.replace(w0=leaf)
 
-  return jax.tree_util.tree_map_with_path(attach, base_params)
+  return jax.tree_util.tree_map_with_path(attach, base_params, is_leaf=is_lazy_node)
 
 
 def batch_from_process_local(local: Mapping[str, np.ndarray], mesh: Mesh, *, axis: int = 1) -> dict:

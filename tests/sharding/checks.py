@@ -174,6 +174,64 @@ def check_native_load_onto_mesh(tmp):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+def check_qlora_sharded_step_matches_single_device(tmp):
+  """4-bit bases sharded like their kernels: the same QLoRA steps as on one device."""
+  model, params, fwd = llama()
+  cfg = jlora.LoraConfig(rank=8, targets=TARGETS)
+  qp = jlora.quantize(params, targets=TARGETS)
+  ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 256)
+  ref, ref_loss = _train(jlora.init(jax.random.key(0), qp, cfg), fwd, ids)
+  for preset, shape in (("fsdp", "fsdp=8"), ("fsdp_tp", "data=2,fsdp=2,tensor=2")):
+    mesh = jsh.make_mesh(shape)
+    specs = jsh.partition_specs(qp, jsh.preset_rules(preset), mesh=mesh)
+    base = jsh.put(qp, specs, mesh)
+    q = base["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    # stored [out, in/2] codes take the kernel's (in, out) specs transposed
+    want = P("fsdp", None) if preset == "fsdp" else P("fsdp", "tensor")
+    assert q.kernel_spec() == want and q.packed.sharding.spec == P(*reversed(tuple(want))), q.packed.sharding
+    assert q.packed.addressable_shards[0].data.shape[1] < q.packed.shape[1]
+    lp = jsh.init_sharded(jax.random.key(0), base, cfg, mesh)
+    w = lp["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+    assert w.w0 is q and w.a.sharding.spec == P(want[0], None) and w.b.sharding.spec == P(None, want[1])
+    sids = jax.device_put(ids, NamedSharding(mesh, P(jsh.DATA_AXES, None)))
+    out, loss = _train(lp, fwd, sids)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for (pa, x), (pb, y) in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree_util.tree_leaves_with_path(ref)):
+      # Same decoded kernels and math, sums split over devices in another order: float32 reassociation only.
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=f"{preset} {pa}")
+    # An adapter saved here loads onto the dense base (same fingerprint), on one device.
+    d = jlora.save_adapter(os.path.join(tmp, f"q-{preset}"), out)
+    jlora.load_adapter(d, params)
+
+  # A scanned stack of (layers, in, out) kernels, sharded P(None, fsdp, tensor): decoded per layer.
+  k = jax.random.split(jax.random.key(3), 2)
+  stacked = {"w": jax.random.normal(k[0], (3, 128, 128)) / 12, "v": jax.random.normal(k[1], (3, 128, 64)) / 12}
+  lay = {n: jlora.KernelLayout(in_axes=(1,), batch_axes=(0,)) for n in stacked}
+
+  def body(h, w):
+    return jnp.tanh(h @ w["w"]) + 0.1 * jnp.tanh(h @ w["v"]).mean(-1, keepdims=True), None
+
+  sfwd = lambda p, x: jax.lax.scan(body, x, p)[0]
+  sq = jlora.quantize(stacked, targets=".*", layout=lay)
+  scfg = jlora.LoraConfig(rank=4, targets="w")
+  x = jax.random.normal(jax.random.key(4), (8, 128))
+  lp1 = randomize(jlora.init(jax.random.key(0), sq, scfg, layout=lay), jax.random.key(5), scale=0.1)
+  mesh = jsh.make_mesh("fsdp=4,tensor=2")
+  specs = jsh.partition_specs(sq, [(".*", P(None, "fsdp", "tensor"))], mesh=mesh)
+  base = jsh.put(sq, specs, mesh)
+  assert base["w"].packed.sharding.spec == P(None, "tensor", "fsdp")
+  assert base["w"].nested_offset.sharding.spec == P(None)
+  lp8 = jsh.attach_base(jsh.put(jlora.split(lp1)[0], jsh.lora_specs(jlora.split(lp1)[0], jsh.specs_of(base)), mesh),
+                        base)
+  assert lp8["w"].a.sharding.spec == P(None, "fsdp", None) and lp8["w"].b.sharding.spec == P(None, None, "tensor")
+  xs = jax.device_put(x, NamedSharding(mesh, P(jsh.DATA_AXES, None)))
+  loss = lambda a, fr, x: jnp.mean(jlora.wrap(sfwd)(jlora.combine(a, fr), x) ** 2)
+  g1 = jax.jit(jax.grad(loss))(*jlora.split(lp1), x)["w"]
+  g8 = jax.jit(jax.grad(loss))(*jlora.split(lp8), xs)["w"]
+  for a, b in ((g8.a, g1.a), (g8.b, g1.b)):  # float32 reassociation across devices only
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+
+
 if __name__ == "__main__":
   globals()[f"check_{sys.argv[1]}"](sys.argv[2] if len(sys.argv) > 2 else "/tmp")
   print("OK")

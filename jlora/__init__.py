@@ -31,11 +31,20 @@ from jlora._partition import trainable_mask
 from jlora._variant import Variant
 from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
+from jlora.variants import AdaLoRA
+from jlora.variants import DoRA
+from jlora.variants import adalora
+from jlora.variants import adalora_finalize
+from jlora.variants import extract
+from jlora.variants import orthogonality_penalty
+from jlora.variants import to_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRA",
     "AdapterMismatchError",
+    "DoRA",
     "KernelLayout",
     "LoraApplyError",
     "LoraConfig",
@@ -44,8 +53,11 @@ __all__ = [
     "ParamCount",
     "Rule",
     "Variant",
+    "adalora",
+    "adalora_finalize",
     "combine",
     "count",
+    "extract",
     "fingerprint",
     "infer_layout",
     "init",
@@ -53,9 +65,11 @@ __all__ = [
     "load_adapter",
     "merge",
     "optimizer",
+    "orthogonality_penalty",
     "read_adapter_metadata",
     "save_adapter",
     "split",
+    "to_lora",
     "trainable_mask",
     "unload",
     "wrap",

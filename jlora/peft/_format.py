@@ -22,13 +22,14 @@ import numpy as np
 from jlora._checkpoint import adapter_weights
 from jlora._tree import leaves_with_paths, path_str
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+from jlora.peft import _variants
 from jlora.peft._mapping import ModuleMap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                  r"(?:\.(?P<adapter>[^.]+))?(?P<suffix>\.weight)?$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_E|lora_embedding_A|"
+                  r"lora_embedding_B|lora_magnitude_vector)(?:\.(?P<adapter>[^.]+))?(?P<suffix>\.weight)?$")
 
 
 class PeftFormatError(ValueError):
@@ -52,7 +53,7 @@ def _to_torch(w: LoraWeight) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarr
 
 def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
          module_map: ModuleMap | None = None, model_type: str | None = None,
-         task_type: str = "CAUSAL_LM") -> str:
+         task_type: str = "CAUSAL_LM", adalora_config: Mapping[str, Any] | None = None) -> str:
   """Writes the adapters of ``params`` as a PEFT LoRA directory.
 
   ``PeftModel.from_pretrained(torch_model, directory)`` then loads it onto the
@@ -66,6 +67,14 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       for ``model_type`` (transformers' own models).
     model_type: transformers ``config.model_type`` selecting the built-in map.
     task_type: PEFT task type.
+    adalora_config: AdaLoRA only: ``AdaLoraConfig`` schedule fields to record
+      (``target_r``, ``total_step``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``,
+      ``beta2``, ``orth_reg_weight``); the rank pattern comes from the adapters.
+
+  DoRA adapters are written with ``use_dora`` and ``lora_magnitude_vector``;
+  PiSSA/OLoRA adapters (``jlora.variants.Residual``) as the equivalent plain
+  LoRA of rank 2r on the original base (PEFT's ``subtract_mutated_init``);
+  AdaLoRA adapters as a PEFT ``ADALORA`` directory with their ``rank_pattern``.
 
   Returns:
     The directory written.
@@ -84,6 +93,13 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
   weights = adapter_weights(params)
   if not weights:
     raise ValueError("jlora.peft.save: the tree holds no adapters.")
+  # PiSSA/OLoRA adapters (on a residual base) become plain ones on the original base.
+  weights = {p: _variants.exportable(w) for p, w in weights.items()}
+  family = _variants.family(weights, where="jlora.peft.save")
+  if family == "adalora":
+    return _variants.save_adalora(directory, weights, mm, base_model_name_or_path=base_model_name_or_path,
+                                  task_type=task_type, adalora_config=adalora_config)
+  dora = family == "dora"
   rslora = {w.spec.rslora for w in weights.values()}
   if len(rslora) > 1:
     raise ValueError("jlora.peft.save: PEFT has one use_rslora flag per adapter; this tree mixes both scalings.")
@@ -109,6 +125,8 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       else:
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b
+      if dora:
+        tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = _variants.magnitude_at(w, idx)
       ranks[module] = w.spec.rank
       alphas[module] = w.spec.alpha
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -123,7 +141,7 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       "lora_dropout": dropout,
       "bias": "none",
       "use_rslora": rslora.pop(),
-      "use_dora": False,
+      "use_dora": dora,
       "fan_in_fan_out": mm.fan_in_fan_out,
       "rank_pattern": {m: v for m, v in sorted(ranks.items()) if v != r},
       "alpha_pattern": {m: v for m, v in sorted(alphas.items()) if v != alpha},
@@ -143,7 +161,6 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
 # -----------------------------------------------------------------------------
 
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters (use_dora=true)",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "LoRA biases (lora_bias=true)",
     "layer_replication": "layer_replication",
@@ -168,9 +185,9 @@ def read_config(directory: str) -> dict:
     raise FileNotFoundError(f"{directory!r} has no {CONFIG_NAME}")
   with open(path) as f:
     config = json.load(f)
-  if config.get("peft_type") != "LORA":
+  if config.get("peft_type") not in ("LORA", "ADALORA"):
     raise PeftFormatError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; jlora loads LoRA "
-                          "adapters only")
+                          "(plain or DoRA) and AdaLoRA adapters")
   for key, what in _UNSUPPORTED.items():
     if config.get(key):
       raise PeftFormatError(f"{path}: {what} is not supported by jlora; refusing a partial load")
@@ -186,9 +203,10 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
          model_type: str | None = None, layout: Mapping[str, Any] | None = None) -> Any:
   """Loads a PEFT LoRA directory onto Flax base ``params`` as a jlora tree.
 
-  Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``) and
-  rsLoRA scaling are honoured; the result's ``jlora.wrap`` output matches the
-  PEFT model's.
+  Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``),
+  rsLoRA scaling, DoRA (``use_dora``) and AdaLoRA directories (``ADALORA``,
+  with their ``rank_pattern``) are honoured; the result's ``jlora.wrap``
+  output matches the PEFT model's.
 
   Args:
     directory: a directory written by PEFT's ``save_pretrained`` (or ``jlora.peft.save``).
@@ -247,9 +265,13 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
     r = a_t.shape[0]
     lay = (layout or {}).get(path) or mm.layout_for(path, len(leaf.shape), embedding)
     lay = lay.normalized(len(leaf.shape))
+    if config["peft_type"] == "ADALORA":
+      replacements[path] = _variants.load_adalora_module(config, wpath, module, kinds, path, leaf, lay)
+      continue
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
     spec = LoraSpec(shape=tuple(leaf.shape), layout=lay, rank=int(r), alpha=alpha, rslora=use_rslora,
-                    dropout=float(config.get("lora_dropout", 0.0) or 0.0))
+                    dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                    variant=_variants.dora_variant() if config.get("use_dora") else _variants.plain_variant())
     want_r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", r))
     if int(want_r) != r:
       raise PeftFormatError(f"{wpath}: {module!r} has rank {r} but the config says {want_r}")
@@ -261,7 +283,8 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
           f"{spec.shape} (expected A ({r}, {in_prod}) and B ({out_prod}, {r}))")
     a = np.ascontiguousarray(a_t.T).reshape(spec.a_shape).astype(np.float32)
     b = np.ascontiguousarray(b_t.T).reshape(spec.b_shape).astype(np.float32)
-    replacements[path] = LoraWeight(leaf, jax.numpy.asarray(a), jax.numpy.asarray(b), spec)
+    extras = _variants.dora_extras(spec, kinds, wpath, module) if config.get("use_dora") else {}
+    replacements[path] = LoraWeight(leaf, jax.numpy.asarray(a), jax.numpy.asarray(b), spec, extras)
 
   def replace(p, leaf):
     return replacements.get(path_str(p), leaf)

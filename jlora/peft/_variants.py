@@ -115,7 +115,7 @@ def save_adalora(directory: str, weights: Mapping[str, LoraWeight], mm, *, base_
   init_r = init_rs.pop()
   config = {
       "peft_type": "ADALORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-      "r": init_r, "init_r": init_r, "lora_alpha": alphas.pop(), "lora_dropout": max(w.spec.dropout for w in weights.values()),
+      "init_r": init_r, "lora_alpha": alphas.pop(), "lora_dropout": max(w.spec.dropout for w in weights.values()),
       "target_modules": sorted({k[: -len(".lora_E")] for k in pattern}), "bias": "none",
       "fan_in_fan_out": mm.fan_in_fan_out, "init_lora_weights": True, "modules_to_save": None,
       "inference_mode": True, "rank_pattern": pattern, **_ADALORA_DEFAULTS, **extra,

@@ -31,8 +31,13 @@ def _variant_name(w: LoraWeight) -> str:
 
 
 def group(w: LoraWeight, name: str) -> str:
-  """LoRA+ group of child ``name``: ``"lora_b"``, ``"lora_a"`` or ``"lora_embedding"``."""
-  if w.spec.layout.embedding:
+  """LoRA+ group of child ``name``: ``"lora_b"``, ``"lora_a"`` or ``"lora_embedding"``.
+
+  As PEFT's ``create_loraplus_optimizer`` groups parameters: an embedding's A and B
+  form the embedding group; B and every 1-D parameter (DoRA's magnitude, an
+  embedding's too) the B group; the rest the A group.
+  """
+  if w.spec.layout.embedding and name in ("a", "b"):  # PEFT: lora_embedding_A/B of an Embedding layer
     return "lora_embedding"
   per_layer_ndim = len(w.spec.factor_axes[name]) - len(w.spec.batch_axes)
   if name == "b" or (per_layer_ndim == 1 and (_variant_name(w), name) not in _PEFT_2D):

@@ -31,6 +31,7 @@ from jlora._partition import trainable_mask
 from jlora._variant import Variant
 from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
+from jlora.memory import memory_report
 from jlora.variants import AdaLoRA
 from jlora.variants import DoRA
 from jlora.variants import adalora
@@ -63,6 +64,7 @@ __all__ = [
     "init",
     "labels",
     "load_adapter",
+    "memory_report",
     "merge",
     "optimizer",
     "orthogonality_penalty",

@@ -192,7 +192,7 @@ def format_table(reports: list[MemoryReport]) -> str:
   rows = [("frozen weights", "frozen_weights"), ("trainable weights", "trainable_weights"),
           ("gradients", "gradients"), ("optimizer state", "optimizer_state"),
           ("activations + temporaries", "activations"), ("batch", "inputs"), ("other outputs", "outputs")]
-  width = max(12, *(len(r.method) + 2 for r in reports))
+  width = max(12, *(len(r.method) + 2 for r in reports), *(len(f"{r.trainable_params:,}") + 2 for r in reports))
   lines = ["category".ljust(26) + "".join(r.method.rjust(width) for r in reports)]
   for label, attr in rows:
     lines.append(label.ljust(26) + "".join(format_bytes(getattr(r, attr)).rjust(width) for r in reports))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,23 @@ class Extraction:
   def __str__(self) -> str:
     rows = [f"{p}: rank {self.rank[p]}, energy kept {self.energy[p]:.4f} ({self.method[p]})" for p in self.energy]
     return "\n".join(rows)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decompose(spec: LoraSpec, method: str, niter: int, key: jax.Array, base: jax.Array, tuned: jax.Array):
+  """Top-``rank`` factors of ``tuned − base`` (float32) and the energies kept / total."""
+  delta = _linalg.as_matrices(spec, tuned) - _linalg.as_matrices(spec, base)
+  if method == "full":
+    u, s, vh = jnp.linalg.svd(delta, full_matrices=False)
+    u, s, vh = u[..., : spec.rank], s[..., : spec.rank], vh[..., : spec.rank, :]
+  else:
+    q = min(spec.rank + 8, spec.fan_in, spec.fan_out)  # a little oversampling
+    keys = jax.random.split(key, delta.shape[0])
+    u, s, v = jax.vmap(lambda k, m: _linalg.randomized_svd(k, m, q, niter))(keys, delta)
+    u, s, vh = u[..., : spec.rank], s[..., : spec.rank], jnp.swapaxes(v, -1, -2)[..., : spec.rank, :]
+  root = jnp.sqrt(s / spec.scale)
+  a, b = _linalg.factors_from_torch(spec, root[..., :, None] * vh, u * root[..., None, :])
+  return a, b, jnp.sum(jnp.square(s)), jnp.sum(jnp.square(delta))
 
 
 def extract(base_params: Params, tuned_params: Params, *, rank: int, targets: Any, alpha: float | None = None,
@@ -93,24 +111,12 @@ def extract(base_params: Params, tuned_params: Params, *, rank: int, targets: An
     if spec.rank > min(spec.fan_in, spec.fan_out):
       raise ValueError(f"jlora.extract: {path!r}: rank {spec.rank} exceeds min(fan_in, fan_out) = "
                        f"{min(spec.fan_in, spec.fan_out)}.")
-    delta = _linalg.as_matrices(spec, tuned[path]) - _linalg.as_matrices(spec, target.leaf)
     use = method
     if method == "auto":
       use = "randomized" if min(spec.fan_in, spec.fan_out) > RANDOMIZED_ABOVE else "full"
-    if use == "full":
-      u, s, vh = jnp.linalg.svd(delta, full_matrices=False)
-      u, s, vh = u[..., : spec.rank], s[..., : spec.rank], vh[..., : spec.rank, :]
-    else:
-      q = min(spec.rank + 8, spec.fan_in, spec.fan_out)  # a little oversampling
-      keys = jax.random.split(jax.random.fold_in(key, i), delta.shape[0])
-      u, s, v = jax.vmap(lambda k, m: _linalg.randomized_svd(k, m, q, niter))(keys, delta)
-      u, s, vh = u[..., : spec.rank], s[..., : spec.rank], jnp.swapaxes(v, -1, -2)[..., : spec.rank, :]
-    total = jnp.sum(jnp.square(delta))
-    kept = jnp.sum(jnp.square(s))
+    a, b, kept, total = _decompose(spec, use, niter, jax.random.fold_in(key, i), target.leaf, tuned[path])
     energy[path] = float(kept / total) if float(total) > 0 else 1.0
     ranks[path], methods[path] = spec.rank, use
-    root = jnp.sqrt(s / spec.scale)
-    a, b = _linalg.factors_from_torch(spec, root[..., :, None] * vh, u * root[..., None, :])
     replacements[path] = LoraWeight(target.leaf, a, b, spec)
 
   def replace(p, leaf):

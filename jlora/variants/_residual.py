@@ -25,6 +25,7 @@ load it onto the original model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -135,11 +136,10 @@ def to_plain(w: LoraWeight, base: Any = None) -> LoraWeight:
 # -- the init methods --------------------------------------------------------------------------
 
 
-def _float_base(spec: LoraSpec, w0: Any, method: str) -> jax.Array:
+def _check_float(w0: Any, method: str) -> None:
   if is_lazy_node(w0):
     raise ValueError(f"init={method!r} needs the kernel in floating point (it replaces it by the residual "
                      "W − s·BA); initialise on the float base and quantize the residual afterwards.")
-  return _linalg.as_matrices(spec, w0)
 
 
 def _finish(spec: LoraSpec, w0: Any, mats: jax.Array, a_t: jax.Array, b_t: jax.Array):
@@ -150,13 +150,13 @@ def _finish(spec: LoraSpec, w0: Any, mats: jax.Array, a_t: jax.Array, b_t: jax.A
   return w_res, {"a": a, "b": b}
 
 
-def _pissa_init(key: jax.Array, spec: LoraSpec, w0: Any, config: Any):
-  mats = _float_base(spec, w0, config.init)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _pissa(spec: LoraSpec, method: str, niter: int, key: jax.Array, w0: jax.Array):
+  mats = _linalg.as_matrices(spec, w0)
   r = spec.rank
-  m = re.fullmatch(r"pissa_niter_(\d+)", config.init)
-  if m:
+  if method == "randomized":
     keys = jax.random.split(key, mats.shape[0])
-    v, s, u = jax.vmap(lambda k, x: _linalg.randomized_svd(k, x, r, int(m.group(1))))(keys, mats)
+    v, s, u = jax.vmap(lambda k, x: _linalg.randomized_svd(k, x, r, niter))(keys, mats)
     uh = jnp.swapaxes(u, -1, -2)
   else:
     v, s, uh = jnp.linalg.svd(mats, full_matrices=False)
@@ -167,11 +167,23 @@ def _pissa_init(key: jax.Array, spec: LoraSpec, w0: Any, config: Any):
   return _finish(spec, w0, mats, a_t, b_t)
 
 
-def _olora_init(key: jax.Array, spec: LoraSpec, w0: Any, config: Any):
-  del key
-  mats = _float_base(spec, w0, "olora")
+@functools.partial(jax.jit, static_argnums=(0,))
+def _olora(spec: LoraSpec, w0: jax.Array):
+  mats = _linalg.as_matrices(spec, w0)
   q, r_mat = jnp.linalg.qr(mats)
   return _finish(spec, w0, mats, r_mat[..., : spec.rank, :], q[..., :, : spec.rank])
+
+
+def _pissa_init(key: jax.Array, spec: LoraSpec, w0: Any, config: Any):
+  _check_float(w0, config.init)
+  m = re.fullmatch(r"pissa_niter_(\d+)", config.init)
+  return _pissa(spec, "randomized" if m else "full", int(m.group(1)) if m else 0, key, w0)
+
+
+def _olora_init(key: jax.Array, spec: LoraSpec, w0: Any, config: Any):
+  del key
+  _check_float(w0, "olora")
+  return _olora(spec, w0)
 
 
 def _wrap(variant: Variant) -> Variant:

@@ -3,8 +3,10 @@ variants' PEFT-parity tests."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +91,10 @@ def train_torch(model, steps=3, lr=1e-2):
     opt.step()
     opt.zero_grad()
   return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def hf_base(arch):
+  """The tiny base of ``arch`` saved once per process, its Flax twin and kernel layout."""
+  loaded = make_base(arch, tempfile.mkdtemp(prefix=f"jlora-{arch}-"))
+  return loaded, layout(loaded)

@@ -16,7 +16,7 @@ import pytest
 import jlora
 import jlora.peft
 from helpers import assert_close
-from hf_models import IDS, flax_logits, layout, lm_loss, make_base, torch_logits, torch_model
+from hf_models import IDS, flax_logits, hf_base, lm_loss, torch_logits, torch_model
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -26,10 +26,9 @@ SCHEDULE = dict(target_r=2, init_r=6, tinit=2, tfinal=3, deltaT=2, total_step=12
 OURS = dict(target_rank=2, tinit=2, tfinal=3, delta_t=2, total_steps=12)
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-  loaded = make_base("llama", tmp_path_factory.mktemp("llama-base"))
-  return loaded, layout(loaded)
+@pytest.fixture
+def llama():
+  return hf_base("llama")
 
 
 def _peft_adalora(**kw):

@@ -180,9 +180,9 @@ def test_loraplus_matches_peft_create_loraplus_optimizer(tmp_path):
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
   from peft.optimizers import create_loraplus_optimizer
-  from hf_models import IDS, layout, lm_loss, make_base, torch_model
+  from hf_models import IDS, hf_base, lm_loss, torch_model
 
-  loaded = make_base("llama", tmp_path / "base")
+  loaded, _ = hf_base("llama")
   cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens"],
                         init_lora_weights="gaussian")
   pm = peft.get_peft_model(torch_model("llama"), cfg)

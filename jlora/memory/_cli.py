@@ -20,7 +20,7 @@ from jlora.memory._report import CATEGORIES, MemoryReport, format_table
 PRESETS = _gpt.PRESETS
 
 
-def _targets(spec: str, kernels: list[str]) -> str:
+def _targets(spec: str) -> str:
   if re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", spec):
     return rf".*/({'|'.join(spec.split(','))})/kernel"
   return spec
@@ -35,7 +35,7 @@ def preset_model(name: str, args) -> dict[str, Any]:
     raise ValueError(f"--seq {seq} exceeds the model's context {cfg.context}")
   params = _gpt.param_shapes(cfg)
   lay = _gpt.layouts(params)
-  targets = _targets(args.targets or "query,value", list(lay))
+  targets = _targets(args.targets or "query,value")
   rule = Rule(pattern=targets)
   return {"loss": _gpt.loss_fn(cfg), "params": params, "layout": lay, "targets": rule,
           "batch": jax.ShapeDtypeStruct((args.batch, seq), jnp.int32),

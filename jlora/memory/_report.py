@@ -35,7 +35,6 @@ from jlora._apply import wrap
 from jlora._count import count
 from jlora._lazy import is_lazy_node
 from jlora._optim import optimizer as lora_optimizer
-from jlora._weight import is_lora_weight
 
 Params = Any
 LossFn = Callable[[Params, Any], Any]

@@ -16,13 +16,9 @@ import numpy as np
 from jlora._variant import PLAIN, Variant
 from jlora._weight import LoraSpec, LoraWeight
 from jlora.variants import AdaLoRA, DoRA
-from jlora.variants import _adalora, _residual
+from jlora.variants import _residual
 
 PREFIX = "base_model.model."
-
-
-class _FormatError(ValueError):
-  pass
 
 
 def _error(msg: str) -> Exception:

@@ -22,6 +22,7 @@ from jlora.variants._adalora import rank_pattern
 from jlora.variants._allocator import AdaLoraState
 from jlora.variants._allocator import adalora
 from jlora.variants._allocator import adalora_finalize
+from jlora.variants._convert import merge_adapters
 from jlora.variants._convert import to_lora
 from jlora.variants._dora import DoRA
 from jlora.variants._extract import Extraction
@@ -41,6 +42,7 @@ __all__ = [
     "extract",
     "loraplus_labels",
     "loraplus_scale",
+    "merge_adapters",
     "orthogonality_penalty",
     "rank_pattern",
     "to_lora",

@@ -58,3 +58,61 @@ def to_lora(params: Params, *, base: Params | None = None) -> Params:
     return w
 
   return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_lora_weight)
+
+
+def merge_adapters(*trees: Params) -> Params:
+  """Merges several adapters trained on the same base, in order, as PEFT merges active adapters.
+
+  Plain LoRA adds its update (``W ← W + ΔW_i``); DoRA scales the accumulated weight
+  (``W ← m_i/‖W0 + ΔW_i‖ ⊙ (W + ΔW_i)``) with the norm of the *unmerged* base
+  ``W0`` — PEFT's forward with several active DoRA adapters, and its merge since
+  PEFT #3608. Computed in float32, cast to the base dtype at the end.
+
+  Args:
+    *trees: LoRA trees over the same base (each ``jlora.init`` / ``jlora.peft.load``).
+
+  Returns:
+    Plain parameters.
+
+  Raises:
+    ValueError: no trees, or trees of different structures.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> base = {"w": jnp.ones((4, 4))}
+    >>> one = jlora.init(jax.random.key(0), base, jlora.LoraConfig(rank=1, targets="w"))
+    >>> two = jlora.init(jax.random.key(1), base, jlora.LoraConfig(rank=1, targets="w", dora=True))
+    >>> jlora.variants.merge_adapters(one, two)["w"].shape
+    (4, 4)
+  """
+  import jax.numpy as jnp
+
+  from jlora._lazy import dense
+  from jlora._weight import lowrank_delta
+  from jlora.variants._dora import DoRA, _kernel_view
+
+  if not trees:
+    raise ValueError("merge_adapters: give at least one LoRA tree.")
+  flat = [jax.tree_util.tree_flatten(t, is_leaf=is_lora_weight) for t in trees]
+  if any(td != flat[0][1] for _, td in flat[1:]):
+    raise ValueError("merge_adapters: the trees have different structures; give adapters of one base.")
+  out = []
+  for group in zip(*(leaves for leaves, _ in flat)):
+    ws = [x for x in group if is_lora_weight(x)]
+    if not ws:
+      out.append(group[0])
+      continue
+    w0 = dense(ws[0].w0)
+    base = w0.astype(jnp.float32)
+    acc = base
+    for w in ws:
+      if w.shape != ws[0].shape:
+        raise ValueError("merge_adapters: adapters of one kernel have different shapes.")
+      if isinstance(w.spec.variant, DoRA):  # m / ‖W0 + ΔW‖ of the unmerged base, on the accumulated weight
+        d = lowrank_delta(w, dtype=jnp.float32)
+        n = jnp.sqrt(jnp.sum(jnp.square(base + d), axis=w.spec.in_axes, keepdims=True))
+        acc = (acc + d) * (_kernel_view(w.spec, jnp.asarray(w.factors["magnitude"], jnp.float32)) / n)
+      else:
+        acc = acc + w.spec.variant.delta(w.replace(w0=w0), jnp.float32)
+    out.append(acc.astype(w0.dtype))
+  return jax.tree_util.tree_unflatten(flat[0][1], out)

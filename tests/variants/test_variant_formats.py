@@ -12,7 +12,7 @@ import pytest
 
 import jlora
 import jlora.peft
-from hf_models import TARGETS, flax_logits, hf_base, targets_regex, torch_logits, torch_model, train_jlora, train_torch
+from hf_models import IDS, TARGETS, flax_logits, hf_base, targets_regex, torch_logits, torch_model, train_jlora, train_torch
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -101,3 +101,33 @@ def test_residual_init_matches_peft_and_exports_onto_the_original_base(arch, ini
   plain = jlora.to_lora(lp, base=loaded.params)
   assert all(w.spec.rank == 8 for w in jlora._checkpoint.adapter_weights(plain).values())
   np.testing.assert_allclose(flax_logits(loaded, plain), want, rtol=1e-4, atol=1e-4)
+
+
+def test_several_dora_adapters_merge_like_peft(tmp_path):
+  """PEFT with two active DoRA adapters (each norm from the unmerged base, PEFT #3608) vs
+  jlora.variants.merge_adapters of the same two adapters loaded from PEFT's files."""
+  loaded, _ = hf_base("llama")
+  tm = torch_model("llama")
+  cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS["llama"])
+  pm = peft.get_peft_model(tm, cfg, adapter_name="one")
+  pm.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "up_proj"]))
+  torch.manual_seed(5)
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if "lora_" in n:
+        p.add_(torch.randn_like(p) * 0.2)
+  pm.save_pretrained(str(tmp_path / "p"))
+  pm.base_model.set_adapter(["one", "two"])
+  want = torch_logits(pm.eval())
+  one = jlora.peft.load(str(tmp_path / "p" / "one"), loaded.params, model_type="llama")  # non-default names: subdirs
+  two = jlora.peft.load(str(tmp_path / "p" / "two"), loaded.params, model_type="llama")
+  merged = jlora.variants.merge_adapters(one, two)
+  ids = np.asarray(IDS)
+  got = np.asarray(loaded.forward(merged, ids, np.ones_like(ids)))
+  np.testing.assert_allclose(got, want, **TOL)
+  # Taking the second norm from the base that already holds the first adapter (the pre-#3608
+  # merge) gives other logits.
+  first = jlora.merge(one)
+  stale = jlora.merge(jax.tree.map(lambda w, b: w.replace(w0=b) if isinstance(w, jlora.LoraWeight) else w, two,
+                                   first, is_leaf=lambda x: isinstance(x, jlora.LoraWeight)))
+  assert np.abs(np.asarray(loaded.forward(stale, ids, np.ones_like(ids))) - want).max() > 1e-4

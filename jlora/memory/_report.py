@@ -171,6 +171,13 @@ def memory_report(loss_fn: LossFn, params: Params, batch: Any, *, config: LoraCo
 
 
 def format_bytes(n: float) -> str:
+  """Decimal units, three significant digits.
+
+  Example:
+    >>> from jlora.memory import format_bytes
+    >>> format_bytes(37_748_736), format_bytes(1.416e12)
+    ('37.7 MB', '1.42 TB')
+  """
   for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
     if abs(n) >= size:
       return f"{n / size:.3g} {unit}"

@@ -34,12 +34,22 @@ from jlora._weight import LoraWeight
 from jlora.quant import NF4Weight
 from jlora.quant import dequantize
 from jlora.quant import merge_quantized
+from jlora.memory import memory_report
 from jlora.quant import quantize
+from jlora.variants import AdaLoRA
+from jlora.variants import DoRA
+from jlora.variants import adalora
+from jlora.variants import adalora_finalize
+from jlora.variants import extract
+from jlora.variants import orthogonality_penalty
+from jlora.variants import to_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRA",
     "AdapterMismatchError",
+    "DoRA",
     "KernelLayout",
     "LoraApplyError",
     "LoraConfig",
@@ -49,21 +59,27 @@ __all__ = [
     "ParamCount",
     "Rule",
     "Variant",
+    "adalora",
+    "adalora_finalize",
     "combine",
     "count",
     "dequantize",
+    "extract",
     "fingerprint",
     "infer_layout",
     "init",
     "labels",
     "load_adapter",
+    "memory_report",
     "merge",
     "merge_quantized",
     "optimizer",
+    "orthogonality_penalty",
     "quantize",
     "read_adapter_metadata",
     "save_adapter",
     "split",
+    "to_lora",
     "trainable_mask",
     "unload",
     "wrap",

@@ -178,6 +178,8 @@ class LoraConfig:
   adapter_dtype: Any = "float32"
   # The adapter family (plain LoRA by default; e.g. DoRA). See ``jlora.Variant``.
   variant: Variant = PLAIN
+  # DoRA (weight-decomposed LoRA): short for ``variant=jlora.DoRA()``.
+  dora: bool = False
 
   def __post_init__(self):
     _check_rank(self.rank, "LoraConfig.rank")
@@ -218,10 +220,22 @@ class LoraConfig:
     object.__setattr__(self, "exclude", exclude)
     from jlora._init import init_method_names, resolve_init
 
-    if not isinstance(self.init, str) or resolve_init(self.init) is None:
-      raise ValueError(f"LoraConfig.init must be one of {init_method_names()}, got {self.init!r}.")
     if not isinstance(self.variant, Variant):
       raise ValueError(f"LoraConfig.variant must be a jlora.Variant, got {type(self.variant).__name__}.")
+    if not isinstance(self.dora, bool):
+      raise ValueError(f"LoraConfig.dora must be a bool, got {self.dora!r}.")
+    if self.dora:
+      dora = Variant.from_json({"name": "dora"})
+      if self.variant not in (PLAIN, dora):
+        raise ValueError(f"LoraConfig: dora=True asks for the DoRA variant but variant={self.variant!r} is "
+                         "given; set one of them.")
+      object.__setattr__(self, "variant", dora)
+    elif self.variant.name == "dora":
+      object.__setattr__(self, "dora", True)
+    if self.init == "default" and self.variant.default_init:
+      object.__setattr__(self, "init", self.variant.default_init)
+    if not isinstance(self.init, str) or resolve_init(self.init) is None:
+      raise ValueError(f"LoraConfig.init must be one of {init_method_names()}, got {self.init!r}.")
     try:
       dt = np.dtype(self.adapter_dtype)
     except TypeError:

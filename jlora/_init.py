@@ -14,6 +14,7 @@ from jlora._config import KernelLayout, LoraConfig
 from jlora._targets import Target, select_targets
 from jlora._tree import path_str
 from jlora._lazy import is_lazy_node, placeholder
+from jlora._variant import Variant
 from jlora._weight import LoraSpec, LoraWeight, is_node
 
 Params = Any
@@ -84,29 +85,48 @@ def _check_leaf(path: str, leaf: Any, rule_index: int) -> tuple[tuple[int, ...],
 # An init method: (key, spec, w0, config) -> (w0 to keep, {"a": A, "b": B}) in any float dtype.
 # Methods that change the base (PiSSA, LoftQ...) return the new w0; the others return w0 as is.
 InitFn = Callable[[jax.Array, LoraSpec, Any, LoraConfig], tuple[Any, dict[str, jax.Array]]]
-_INIT_METHODS: list[tuple[str, str, InitFn]] = []  # (regex fullmatch on the name, shown name, fn)
+# Wraps the configured variant for an init method that needs children of its own (PiSSA
+# keeps its initial factors to export the adapter onto the original base).
+VariantWrap = Callable[[Variant], Variant]
+# (regex fullmatch on the name, shown name, fn, variant wrap or None)
+_INIT_METHODS: list[tuple[str, str, InitFn, VariantWrap | None]] = []
 
 
-def register_init(pattern: str, fn: InitFn, *, shown: str | None = None) -> None:
+def register_init(pattern: str, fn: InitFn, *, shown: str | None = None, variant: VariantWrap | None = None) -> None:
   """Registers an init method for ``LoraConfig(init=...)`` (names are matched by regex fullmatch).
+
+  ``variant``, if given, maps the configured variant to the one the adapters get
+  (e.g. a wrapper that keeps the initial factors as frozen children).
 
   Example:
     >>> from jlora._init import resolve_init
     >>> resolve_init("gaussian") is not None, resolve_init("nope") is None
     (True, True)
   """
-  _INIT_METHODS.append((pattern, shown or pattern, fn))
+  _INIT_METHODS.append((pattern, shown or pattern, fn, variant))
 
 
-def resolve_init(name: str) -> InitFn | None:
-  for pattern, _, fn in _INIT_METHODS:
-    if re.fullmatch(pattern, name):
-      return fn
+def _lookup(name: str):
+  for entry in _INIT_METHODS:
+    if re.fullmatch(entry[0], name):
+      return entry
   return None
 
 
+def resolve_init(name: str) -> InitFn | None:
+  entry = _lookup(name)
+  return None if entry is None else entry[2]
+
+
+def variant_for(config: LoraConfig) -> Variant:
+  """The variant the adapters of ``config`` get: the configured one, as the init method needs it."""
+  entry = _lookup(config.init)
+  wrap = None if entry is None else entry[3]
+  return config.variant if wrap is None else wrap(config.variant)
+
+
 def init_method_names() -> tuple[str, ...]:
-  return tuple(shown for _, shown, _ in _INIT_METHODS)
+  return tuple(entry[1] for entry in _INIT_METHODS)
 
 
 def _default_init(key: jax.Array, spec: LoraSpec, w0: Any, config: LoraConfig):
@@ -171,6 +191,7 @@ def init(
     raise ValueError(f"jlora.init: config must be a jlora.LoraConfig, got {type(config).__name__}.")
   targets = select_targets(params, config)
   keys = jax.random.split(key, len(targets))
+  variant = variant_for(config)
   replacements: dict[str, LoraWeight] = {}
   for k, target in zip(keys, targets):
     shape, _ = _check_leaf(target.path, target.leaf, target.rule_index)
@@ -179,7 +200,7 @@ def init(
     alpha = target.rule.alpha if target.rule.alpha is not None else config.alpha
     spec = LoraSpec(
         shape=shape, layout=lay, rank=int(rank), alpha=float(alpha),
-        rslora=config.rslora, dropout=float(config.dropout), variant=config.variant,
+        rslora=config.rslora, dropout=float(config.dropout), variant=variant,
     )
     limit = min(spec.fan_in, spec.fan_out)
     if spec.rank > limit:

@@ -42,6 +42,9 @@ class Variant:
   """
 
   name: ClassVar[str] = "lora"
+  # The init method this family needs when ``LoraConfig.init`` is left at "default"
+  # (e.g. AdaLoRA's N(0, 0.02) factors); ``None``: the configured one.
+  default_init: ClassVar[str | None] = None
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)

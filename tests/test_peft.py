@@ -214,7 +214,9 @@ def test_refusals_name_the_problem(setup, tmp_path):
   k = f"base_model.model.{module}"
   cases = [
       ({**base, "peft_type": "IA3"}, None, r"peft_type 'IA3' is not supported"),
-      ({**base, "use_dora": True}, None, r"DoRA adapters"),
+      ({**base, "use_dora": True}, {f"{k}.lora_A.weight": np.zeros((2, 32), np.float32),
+                                    f"{k}.lora_B.weight": np.zeros((96 if arch == 'gpt2' else 32, 2), np.float32)},
+       r"use_dora is set but module .* has no lora_magnitude_vector"),
       ({**base, "modules_to_save": ["lm_head"]}, None, r"modules_to_save"),
       ({**base, "bias": "all"}, None, r"bias='all'"),
       (base, {"base_model.model.nope.lora_A.weight": np.zeros((2, 32), np.float32),

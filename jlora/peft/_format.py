@@ -24,6 +24,7 @@ from jlora import _checkpoint as ck
 from jlora._checkpoint import adapter_weights
 from jlora._tree import leaves_with_paths, path_str
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+from jlora.peft import _variants
 from jlora.peft._mapping import ModuleMap
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,8 +33,8 @@ PREFIX = "base_model.model."
 # Key of the base model's jlora.fingerprint in the safetensors header's __metadata__ (free-form
 # strings that PEFT, vLLM and safetensors ignore; adapter_config.json must stay PEFT-only).
 FINGERPRINT_KEY = "jlora_base_fingerprint"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                  r"(?:\.(?P<adapter>[^.]+))?(?P<suffix>\.weight)?$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_E|lora_embedding_A|"
+                  r"lora_embedding_B|lora_magnitude_vector)(?:\.(?P<adapter>[^.]+))?(?P<suffix>\.weight)?$")
 
 
 class PeftFormatError(ValueError):
@@ -61,7 +62,8 @@ def _to_torch(w: LoraWeight) -> list[tuple[tuple[int, ...], np.ndarray, np.ndarr
 
 def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
          module_map: ModuleMap | None = None, model_type: str | None = None,
-         task_type: str = "CAUSAL_LM", base_fingerprint: str | None = None) -> str:
+         task_type: str = "CAUSAL_LM", adalora_config: Mapping[str, Any] | None = None,
+         base_fingerprint: str | None = None) -> str:
   """Writes the adapters of ``params`` as a PEFT LoRA directory.
 
   ``PeftModel.from_pretrained(torch_model, directory)`` then loads it onto the
@@ -75,6 +77,14 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       for ``model_type`` (transformers' own models).
     model_type: transformers ``config.model_type`` selecting the built-in map.
     task_type: PEFT task type.
+    adalora_config: AdaLoRA only: ``AdaLoraConfig`` schedule fields to record
+      (``target_r``, ``total_step``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``,
+      ``beta2``, ``orth_reg_weight``); the rank pattern comes from the adapters.
+
+  DoRA adapters are written with ``use_dora`` and ``lora_magnitude_vector``;
+  PiSSA/OLoRA adapters (``jlora.variants.Residual``) as the equivalent plain
+  LoRA of rank 2r on the original base (PEFT's ``subtract_mutated_init``);
+  AdaLoRA adapters as a PEFT ``ADALORA`` directory with their ``rank_pattern``.
     base_fingerprint: ``jlora.fingerprint`` of the base if already computed
       (default: computed from ``params`` when they hold the base weights). It is stored in the
       ``__metadata__`` of ``adapter_model.safetensors`` (which PEFT and vLLM
@@ -97,6 +107,19 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
   weights = adapter_weights(params)
   if not weights:
     raise ValueError("jlora.peft.save: the tree holds no adapters.")
+  # PiSSA/OLoRA adapters (on a residual base) become plain ones on the original base.
+  if any(_variants.exportable(w) is not w for w in weights.values()):
+    # The rebuilt original base is exact only up to float rounding: record no fingerprint unless given.
+    base_fingerprint = base_fingerprint or ""
+    params = jax.tree.map(lambda x: _variants.exportable(x) if is_lora_weight(x) else x, params,
+                          is_leaf=is_lora_weight)
+    weights = adapter_weights(params)
+  family = _variants.family(weights, where="jlora.peft.save")
+  if family == "adalora":
+    return _variants.save_adalora(directory, weights, mm, base_model_name_or_path=base_model_name_or_path,
+                                  task_type=task_type, adalora_config=adalora_config,
+                                  metadata=_header(params, weights, base_fingerprint))
+  dora = family == "dora"
   rslora = {w.spec.rslora for w in weights.values()}
   if len(rslora) > 1:
     raise ValueError("jlora.peft.save: PEFT has one use_rslora flag per adapter; this tree mixes both scalings.")
@@ -122,6 +145,8 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       else:
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b
+      if dora:
+        tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = _variants.magnitude_at(w, idx)
       ranks[module] = w.spec.rank
       alphas[module] = w.spec.alpha
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -136,7 +161,7 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       "lora_dropout": dropout,
       "bias": "none",
       "use_rslora": rslora.pop(),
-      "use_dora": False,
+      "use_dora": dora,
       "fan_in_fan_out": mm.fan_in_fan_out,
       "rank_pattern": {m: v for m, v in sorted(ranks.items()) if v != r},
       "alpha_pattern": {m: v for m, v in sorted(alphas.items()) if v != alpha},
@@ -145,15 +170,20 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       "inference_mode": True,
   }
   os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=_header(params, weights, base_fingerprint))
+  with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  return directory
+
+
+def _header(params: Any, weights: Mapping[str, LoraWeight], base_fingerprint: str | None) -> dict[str, str]:
+  """The safetensors ``__metadata__``: the format and, when known, the base fingerprint."""
   header = {"format": "pt"}
   if base_fingerprint is None and all(w.w0 is not None for w in weights.values()):
     base_fingerprint = ck.fingerprint(params)
   if base_fingerprint:  # (an adapters-only tree cannot say which base it belongs to)
     header[FINGERPRINT_KEY] = base_fingerprint
-  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=header)
-  with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  return directory
+  return header
 
 
 # -----------------------------------------------------------------------------
@@ -161,7 +191,6 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
 # -----------------------------------------------------------------------------
 
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters (use_dora=true)",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "LoRA biases (lora_bias=true)",
     "layer_replication": "layer_replication",
@@ -186,9 +215,9 @@ def read_config(directory: str) -> dict:
     raise FileNotFoundError(f"{directory!r} has no {CONFIG_NAME}")
   with open(path) as f:
     config = json.load(f)
-  if config.get("peft_type") != "LORA":
+  if config.get("peft_type") not in ("LORA", "ADALORA"):
     raise PeftFormatError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; jlora loads LoRA "
-                          "adapters only")
+                          "(plain or DoRA) and AdaLoRA adapters")
   for key, what in _UNSUPPORTED.items():
     if config.get(key):
       raise PeftFormatError(f"{path}: {what} is not supported by jlora; refusing a partial load")
@@ -270,9 +299,10 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
          check_base: bool = True) -> Any:
   """Loads a PEFT LoRA directory onto Flax base ``params`` as a jlora tree.
 
-  Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``) and
-  rsLoRA scaling are honoured; the result's ``jlora.wrap`` output matches the
-  PEFT model's.
+  Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``),
+  rsLoRA scaling, DoRA (``use_dora``) and AdaLoRA directories (``ADALORA``,
+  with their ``rank_pattern``) are honoured; the result's ``jlora.wrap``
+  output matches the PEFT model's.
 
   Args:
     directory: a directory written by PEFT's ``save_pretrained`` (or ``jlora.peft.save``).
@@ -329,7 +359,8 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
 
   use_rslora = bool(config.get("use_rslora", False))
   # path -> (spec, A, B, module of the first slice) assembled from each module's slice
-  built: dict[str, tuple[LoraSpec, np.ndarray, np.ndarray, str]] = {}
+  built: dict[str, tuple[LoraSpec, np.ndarray, np.ndarray, np.ndarray | None, str]] = {}
+  replacements: dict[str, LoraWeight] = {}  # AdaLoRA modules go straight here
   for module, kinds in sorted(parts.items()):
     if module not in candidates:
       near = [c for c in candidates if c.endswith(module.split(".")[-1])][:3]
@@ -344,9 +375,16 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
     r = a_t.shape[0]
     lay = (layout or {}).get(path) or mm.layout_for(path, len(leaf.shape), embedding)
     lay = lay.normalized(len(leaf.shape))
+    if config["peft_type"] == "ADALORA":
+      if idx:
+        raise PeftFormatError(f"{wpath}: {module!r} is one layer of the stacked parameter {path!r}; AdaLoRA "
+                              "adapters load onto unstacked kernels only (load the model unscanned).")
+      replacements[path] = _variants.load_adalora_module(config, wpath, module, kinds, path, leaf, lay)
+      continue
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
     spec = LoraSpec(shape=tuple(leaf.shape), layout=lay, rank=int(r), alpha=alpha, rslora=use_rslora,
-                    dropout=float(config.get("lora_dropout", 0.0) or 0.0))
+                    dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+                    variant=_variants.dora_variant() if config.get("use_dora") else _variants.plain_variant())
     want_r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", r))
     if int(want_r) != r:
       raise PeftFormatError(f"{wpath}: {module!r} has rank {r} but the config says {want_r}")
@@ -356,22 +394,37 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
       raise PeftFormatError(
           f"{wpath}: {module!r}: A {a_t.shape} / B {b_t.shape} do not fit Flax parameter {path!r} of shape "
           f"{spec.shape} (expected A ({r}, {in_prod}) and B ({out_prod}, {r}))")
+    nb = len(spec.batch_axes)
     if path not in built:
-      built[path] = (spec, np.zeros(spec.a_shape, np.float32), np.zeros(spec.b_shape, np.float32), module)
-    first_spec, a, b, first = built[path]
+      mag = np.zeros(spec.factor_shapes["magnitude"], np.float32) if config.get("use_dora") else None
+      built[path] = (spec, np.zeros(spec.a_shape, np.float32), np.zeros(spec.b_shape, np.float32), mag, module)
+    first_spec, a, b, mag, first = built[path]
     if first_spec != spec:
       raise PeftFormatError(
           f"{wpath}: {module!r} and {first!r} are slices of the stacked parameter {path!r} but have different "
           f"ranks or alphas ({r}/{alpha} vs {first_spec.rank}/{first_spec.alpha}); a stacked kernel needs one "
           "rank and alpha for all its layers.")
-    nb = len(spec.batch_axes)
     a[idx] = np.ascontiguousarray(a_t.T).reshape(spec.a_shape[nb:])
     b[idx] = np.ascontiguousarray(b_t.T).reshape(spec.b_shape[nb:])
+    if mag is not None:
+      mag[idx] = _variants.dora_magnitude(kinds, mag.shape[nb:], wpath, module)
 
   # Slices of a stacked kernel that the PEFT adapter does not cover (layers_to_transform)
-  # keep A = B = 0: exactly the base there.
-  replacements = {path: LoraWeight(candidates[first][1], jax.numpy.asarray(a), jax.numpy.asarray(b), spec)
-                  for path, (spec, a, b, first) in built.items()}
+  # keep A = B = 0: exactly the base there (for DoRA with the magnitude of the base, ‖W0‖).
+  for path, (spec, a, b, mag, first) in built.items():
+    w0 = candidates[first][1]
+    extras = {}
+    if mag is not None:
+      covered = np.zeros(mag.shape[:len(spec.batch_axes)], bool)
+      for module, (p, _, idx) in candidates.items():
+        covered[idx] |= p == path and module in parts
+      if not covered.all():
+        zero_a = jax.numpy.zeros(spec.a_shape, jax.numpy.float32)
+        base_norm = np.asarray(spec.variant.init_extras(spec, w0, {"a": zero_a, "b": jax.numpy.asarray(b)})
+                               ["magnitude"], np.float32)
+        mag = np.where(covered.reshape(covered.shape + (1,) * (mag.ndim - covered.ndim)), mag, base_norm)
+      extras = {"magnitude": jax.numpy.asarray(mag)}
+    replacements[path] = LoraWeight(w0, jax.numpy.asarray(a), jax.numpy.asarray(b), spec, extras)
 
   def replace(p, leaf):
     return replacements.get(path_str(p), leaf)

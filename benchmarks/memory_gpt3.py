@@ -1,0 +1,34 @@
+"""The LoRA paper's GPT-3 175B headline from shapes alone (jlora.memory, XLA compile-time analysis).
+
+GPT-3 175B (96 layers, d=12288, 96 heads, context 2048, vocab 50257, fp16 weights), Adam,
+batch 1 x 2048, layers rematerialised; LoRA r=4 (fp16 adapters) on W_q and W_v vs full
+fine-tuning (and DoRA, and QLoRA when jlora.quant is installed). The paper (Hu et al. 2021,
+§4.2) reports training VRAM 1.2 TB -> 350 GB and checkpoints 350 GB -> 35 MB.
+
+  python benchmarks/memory_gpt3.py
+
+Results go to benchmarks/results/memory_gpt3_175b.json (and a .png chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from _common import RESULTS_DIR, write_result
+
+from jlora.memory import _cli
+
+
+def main():
+  args = argparse.Namespace(model="gpt3-175b", targets="query,value", rank=4, alpha=8.0, adapter_dtype="float16",
+                            batch=1, seq=2048, dtype=None, optimizer="adam", methods="full,lora,dora,qlora",
+                            plot=os.path.join(RESULTS_DIR, "memory_gpt3_175b.png"))
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  result = _cli.run(args)
+  print(result["table"])
+  write_result("memory_gpt3_175b", {k: v for k, v in result.items() if k != "table"})
+
+
+if __name__ == "__main__":
+  main()

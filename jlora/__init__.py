@@ -31,11 +31,14 @@ from jlora._partition import trainable_mask
 from jlora._variant import Variant
 from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
+from jlora.multi import Bank
+from jlora.multi import stack
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterMismatchError",
+    "Bank",
     "KernelLayout",
     "LoraApplyError",
     "LoraConfig",
@@ -56,6 +59,7 @@ __all__ = [
     "read_adapter_metadata",
     "save_adapter",
     "split",
+    "stack",
     "trainable_mask",
     "unload",
     "wrap",

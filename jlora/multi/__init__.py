@@ -1,0 +1,32 @@
+"""Many adapters on one base: banks served per example, composition, LoRAHub.
+
+* ``stack`` / ``put`` / ``remove`` / ``slots`` / ``unstack``: a *bank* of
+  adapters (``jlora.Bank`` variant) served in one batch with
+  ``jlora.wrap(f)(bank, x, adapter_ids=ids)``, with fixed-capacity slots
+  that are filled and emptied without recompiling.
+* ``load`` / ``load_bank``: jlora or PEFT adapter directories into a tree or a bank.
+* ``compose``: one adapter from several (PEFT's ``add_weighted_adapter``
+  methods, exact where PEFT is not).
+* ``lorahub``: the weights of a composition fitted on a few examples.
+
+Example:
+  >>> import jlora.multi
+  >>> "stack" in jlora.multi.__all__
+  True
+"""
+
+from jlora.multi._bank import put
+from jlora.multi._bank import remove
+from jlora.multi._bank import slots
+from jlora.multi._bank import stack
+from jlora.multi._bank import unstack
+from jlora.multi._variant import Bank
+
+__all__ = [
+    "Bank",
+    "put",
+    "remove",
+    "slots",
+    "stack",
+    "unstack",
+]

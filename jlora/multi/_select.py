@@ -19,8 +19,9 @@ slot's factors receive only the gradient of the examples that used it):
   mask), so it only pays off on accelerators.
 
 ``"auto"`` uses ``gather`` when the ids are per row (each id covers a whole
-sequence) or the bank is large, and ``onehot`` for per-token ids on small
-banks (see ``choose`` and ``benchmarks/bank_strategies.py``).
+sequence) or the bank is large, and ``onehot`` for per-token ids on banks of
+at most ``ONEHOT_MAX_SLOTS`` slots (see ``choose`` and
+``benchmarks/bank_strategies.py``).
 
 **How ids meet a layer's input.** ``adapter_ids`` has the leading batch shape
 of the model's inputs: ``(B,)`` (one adapter per row) or ``(B, T)`` (per
@@ -42,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jlora import _consumers
@@ -50,9 +52,9 @@ from jlora._lowrank import RANK, Letters, LowRank, Unsupported, special_label
 
 SLOT = special_label("slot")
 
-# ``auto``: per-token ids use the one-hot path while slots·rank stays at most this (beyond it the
-# masked dense projections cost more than gathering per-token factors); see docs/design.md.
-ONEHOT_MAX_SLOT_RANK = 64
+# ``auto``: per-token ids use the one-hot path up to this many slots; beyond it the masked dense
+# projections cost more than gathering each token's factors (benchmarks/bank_strategies.py).
+ONEHOT_MAX_SLOTS = 32
 
 
 def _ids(ctx: Any, v: LowRank) -> jax.Array:
@@ -62,13 +64,14 @@ def _ids(ctx: Any, v: LowRank) -> jax.Array:
     raise LoraApplyError(
         f"jlora.wrap: {v.path!r} is a bank of {slots} adapters (jlora.stack); call the wrapped function "
         "with adapter_ids=<int array of the inputs' batch shape, (B,) or (B, T); -1 = base only>.")
+  concrete = None if isinstance(ids, jax.core.Tracer) else np.asarray(ids)
   ids = jnp.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise LoraApplyError(f"jlora.wrap: adapter_ids must be an integer array, got dtype {ids.dtype}.")
   if ids.ndim == 0:
     raise LoraApplyError("jlora.wrap: adapter_ids must have the inputs' batch shape, (B,) or (B, T); got a scalar.")
-  if not isinstance(ids, jax.core.Tracer):
-    lo, hi = int(ids.min()), int(ids.max())
+  if concrete is not None:
+    lo, hi = int(concrete.min()), int(concrete.max())
     if lo < -1 or hi >= slots:
       raise LoraApplyError(
           f"jlora.wrap: adapter_ids hold values in [{lo}, {hi}], but the bank {v.path!r} has slots "
@@ -119,10 +122,9 @@ def choose(strategy: str, *, ids_size: int, tokens: int, slots: int, rank: int, 
                       "(use it under scan, or strategy='gather'/'onehot')")
   if strategy != "auto":
     return strategy
+  del rank
   per_token = ids_size == tokens
-  if per_token and slots * rank <= ONEHOT_MAX_SLOT_RANK:
-    return "onehot"
-  return "gather"
+  return "onehot" if per_token and slots <= ONEHOT_MAX_SLOTS else "gather"
 
 
 # -- matmul ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from jlora._variant import Variant
 from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
 from jlora.multi import Bank
+from jlora.multi import compose
 from jlora.multi import stack
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "Rule",
     "Variant",
     "combine",
+    "compose",
     "count",
     "fingerprint",
     "infer_layout",

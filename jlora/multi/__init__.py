@@ -20,10 +20,14 @@ from jlora.multi._bank import remove
 from jlora.multi._bank import slots
 from jlora.multi._bank import stack
 from jlora.multi._bank import unstack
+from jlora.multi._compose import ComposeInfo
+from jlora.multi._compose import compose
 from jlora.multi._variant import Bank
 
 __all__ = [
     "Bank",
+    "ComposeInfo",
+    "compose",
     "put",
     "remove",
     "slots",

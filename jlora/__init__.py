@@ -33,6 +33,7 @@ from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
 from jlora.multi import Bank
 from jlora.multi import compose
+from jlora.multi import lorahub
 from jlora.multi import stack
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "init",
     "labels",
     "load_adapter",
+    "lorahub",
     "merge",
     "optimizer",
     "read_adapter_metadata",

@@ -22,12 +22,20 @@ from jlora.multi._bank import stack
 from jlora.multi._bank import unstack
 from jlora.multi._compose import ComposeInfo
 from jlora.multi._compose import compose
+from jlora.multi._lorahub import LoraHubResult
+from jlora.multi._lorahub import lorahub
+from jlora.multi._search import CMAES
+from jlora.multi._search import OnePlusOneES
 from jlora.multi._variant import Bank
 
 __all__ = [
     "Bank",
+    "CMAES",
     "ComposeInfo",
+    "LoraHubResult",
+    "OnePlusOneES",
     "compose",
+    "lorahub",
     "put",
     "remove",
     "slots",

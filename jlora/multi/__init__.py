@@ -22,6 +22,9 @@ from jlora.multi._bank import stack
 from jlora.multi._bank import unstack
 from jlora.multi._compose import ComposeInfo
 from jlora.multi._compose import compose
+from jlora.multi._io import load
+from jlora.multi._io import load_bank
+from jlora.multi._io import put_directory
 from jlora.multi._lorahub import LoraHubResult
 from jlora.multi._lorahub import lorahub
 from jlora.multi._search import CMAES
@@ -35,8 +38,11 @@ __all__ = [
     "LoraHubResult",
     "OnePlusOneES",
     "compose",
+    "load",
+    "load_bank",
     "lorahub",
     "put",
+    "put_directory",
     "remove",
     "slots",
     "stack",

@@ -281,3 +281,19 @@ def test_errors(world):
                      jlora.LoraConfig(rank=4, targets=".*/q_proj/kernel"))
   with pytest.raises(ValueError, match=r"adapters\[1\] was trained on another base"):
     jlora.compose([ads[0], other], [1, 1], method="cat")
+
+
+def test_peft_and_jlora_directories_into_bank_slots(world, tmp_path):
+  bank = jlora.multi.load_bank(world["dirs"], world["params"], slots=4, model_type="llama")
+  assert jlora.multi.slots(bank) == [0, 1, 2]
+  for i in range(3):
+    got, want = deltas(jlora.multi.unstack(bank, i)), peft_deltas(world["pm"], f"a{i}")
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+  d = jlora.save_adapter(str(tmp_path / "a2"), world["adapters"][2])
+  bank = jlora.multi.put_directory(bank, 3, d)
+  for k, dw in deltas(jlora.multi.unstack(bank, 3)).items():
+    np.testing.assert_allclose(dw, peft_deltas(world["pm"], "a2")[k], rtol=1e-6, atol=1e-7)
+  with pytest.raises(FileNotFoundError, match="no adapter directory"):
+    jlora.multi.load(str(tmp_path / "missing"), world["params"])

@@ -21,7 +21,7 @@ from jax import lax
 from jlora._checkpoint import adapter_weights, fingerprint
 from jlora._tree import leaves_with_paths, path_str
 from jlora._variant import Variant
-from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
 from jlora.multi._variant import Bank
 
 Params = Any
@@ -154,7 +154,7 @@ def stack(adapters: Sequence[Params], *, slots: int | None = None, rank: int | N
     raise ValueError(f"jlora.stack: slots={slots!r} must be an integer >= the number of adapters "
                      f"({len(adapters)}).")
   variant = Bank(slots=int(n), strategy=strategy)
-  paths = [p for p, _ in leaves_with_paths(adapters[0], is_leaf=is_lora_weight)]
+  paths = [p for p, _ in leaves_with_paths(adapters[0], is_leaf=is_node)]
   union = [p for p in paths if any(p in w for w in weights)]
   banks: dict[str, LoraWeight] = {}
   for path in union:
@@ -182,7 +182,7 @@ def stack(adapters: Sequence[Params], *, slots: int | None = None, rank: int | N
       return banks[s]
     return leaf.w0 if is_lora_weight(leaf) else leaf
 
-  return jax.tree_util.tree_map_with_path(replace, adapters[0], is_leaf=is_lora_weight)
+  return jax.tree_util.tree_map_with_path(replace, adapters[0], is_leaf=is_node)
 
 
 def _bank_weights(bank: Params, what: str) -> dict[str, LoraWeight]:
@@ -253,7 +253,7 @@ def put(bank: Params, slot: int, adapter: Params | None) -> Params:
   def replace(p, leaf):
     return new.get(path_str(p), leaf)
 
-  return jax.tree_util.tree_map_with_path(replace, bank, is_leaf=is_lora_weight)
+  return jax.tree_util.tree_map_with_path(replace, bank, is_leaf=is_node)
 
 
 def remove(bank: Params, slot: int) -> Params:
@@ -329,4 +329,4 @@ def unstack(bank: Params, slot: int) -> Params:
   def replace(p, leaf):
     return out.get(path_str(p), leaf)
 
-  return jax.tree_util.tree_map_with_path(replace, bank, is_leaf=is_lora_weight)
+  return jax.tree_util.tree_map_with_path(replace, bank, is_leaf=is_node)

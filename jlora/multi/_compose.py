@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._tree import leaves_with_paths, path_str
-from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
+from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
 from jlora.multi._bank import _check_layout, _plain_weights, check_same_base
 
 Params = Any
@@ -292,7 +292,8 @@ def compose(adapters: Sequence[Params], weights: Sequence[float] | Any, *, metho
     raise ValueError(f"jlora.compose: method must be one of {METHODS}, got {method!r}.")
   if isinstance(weights, (jax.Array, np.ndarray)):
     if weights.shape != (len(adapters),):
-      raise ValueError(f"jlora.compose: weights has shape {weights.shape}; expected ({len(adapters)},), one per adapter.")
+      raise ValueError(f"jlora.compose: weights has shape {weights.shape}; expected ({len(adapters)},), "
+                       "one per adapter.")
     weight_list = [weights[i] for i in range(len(adapters))]
   else:
     weight_list = list(weights)
@@ -318,7 +319,7 @@ def compose(adapters: Sequence[Params], weights: Sequence[float] | Any, *, metho
   weights_by = [_plain_weights(t, f"jlora.compose: {n}") for t, n in zip(adapters, names)]
   check_same_base(adapters, names, where="jlora.compose")
 
-  paths = [p for p, _ in leaves_with_paths(adapters[0], is_leaf=is_lora_weight)]
+  paths = [p for p, _ in leaves_with_paths(adapters[0], is_leaf=is_node)]
   out: dict[str, LoraWeight] = {}
   energy: dict[str, float] = {}
   root = jax.random.key(seed)
@@ -344,7 +345,7 @@ def compose(adapters: Sequence[Params], weights: Sequence[float] | Any, *, metho
       return out[s]
     return leaf.w0 if is_lora_weight(leaf) else leaf
 
-  result = jax.tree_util.tree_map_with_path(replace, adapters[0], is_leaf=is_lora_weight)
+  result = jax.tree_util.tree_map_with_path(replace, adapters[0], is_leaf=is_node)
   if return_info:
     return result, ComposeInfo(energy_kept=energy, ranks={p: w.spec.rank for p, w in out.items()})
   return result

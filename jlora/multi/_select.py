@@ -115,14 +115,13 @@ def _slot_weights(v: LowRank, ids, id_labels):
   return jnp.einsum(f"{L((*id_labels, SLOT))},{L(sl)}->{L(w_labels)}", oh, scale), w_labels
 
 
-def choose(strategy: str, *, ids_size: int, tokens: int, slots: int, rank: int, groupable: bool) -> str:
+def choose(strategy: str, *, ids_size: int, tokens: int, slots: int, groupable: bool) -> str:
   """The selection strategy for one use (``"auto"`` resolved from the measured trade-offs)."""
   if strategy == "ragged" and not groupable:
     raise Unsupported("strategy='ragged' on a bank kernel with stacked axes the use does not slice "
                       "(use it under scan, or strategy='gather'/'onehot')")
   if strategy != "auto":
     return strategy
-  del rank
   per_token = ids_size == tokens
   return "onehot" if per_token and slots <= ONEHOT_MAX_SLOTS else "gather"
 
@@ -141,8 +140,7 @@ def dot_term(ctx: Any, v: LowRank, x: jax.Array, plan: Any, *, strategy: str) ->
   first, second = ("a", "b") if plan.first == "a" else ("b", "a")
   f1, l1, f2, l2 = v.factors[first], v.flabels[first], v.factors[second], v.flabels[second]
   tokens = math.prod(s for _, s in free)
-  how = choose(strategy, ids_size=int(ids.size), tokens=tokens, slots=spec.variant.slots, rank=spec.rank,
-               groupable=not v.shared)
+  how = choose(strategy, ids_size=int(ids.size), tokens=tokens, slots=spec.variant.slots, groupable=not v.shared)
   idx = jnp.maximum(ids, 0)
   if how == "gather":
     f1s, l1s = _take(f1, l1, idx, id_labels)

@@ -26,7 +26,7 @@ from jlora._variant import AxisSpec, Variant
 STRATEGIES = ("auto", "gather", "onehot", "ragged")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Bank(Variant):
   """A bank of ``slots`` LoRA adapters on one kernel, selected per example by ``adapter_ids``.
 

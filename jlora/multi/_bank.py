@@ -117,6 +117,8 @@ def stack(adapters: Sequence[Params], *, slots: int | None = None, rank: int | N
   ``alpha/√r`` for rsLoRA, per rule), and a kernel some adapters do not target
   gets zero slots for them. ``jlora.wrap(f)(bank, x, adapter_ids=ids)`` then
   runs row ``i`` of the batch with adapter ``ids[i]`` (``-1``: base only).
+  LoRA dropout (training with ``lora_rng``) uses the largest of the adapters'
+  rates at each kernel.
 
   Args:
     adapters: LoRA trees (``jlora.init`` / ``load_adapter`` / ``jlora.peft.load``)

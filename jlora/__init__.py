@@ -31,10 +31,14 @@ from jlora._partition import trainable_mask
 from jlora._variant import Variant
 from jlora._weight import LoraSpec
 from jlora._weight import LoraWeight
+from jlora.memory import memory_report
+from jlora.multi import Bank
+from jlora.multi import compose
+from jlora.multi import lorahub
+from jlora.multi import stack
 from jlora.quant import NF4Weight
 from jlora.quant import dequantize
 from jlora.quant import merge_quantized
-from jlora.memory import memory_report
 from jlora.quant import quantize
 from jlora.variants import AdaLoRA
 from jlora.variants import DoRA
@@ -49,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoRA",
     "AdapterMismatchError",
+    "Bank",
     "DoRA",
     "KernelLayout",
     "LoraApplyError",
@@ -62,6 +67,7 @@ __all__ = [
     "adalora",
     "adalora_finalize",
     "combine",
+    "compose",
     "count",
     "dequantize",
     "extract",
@@ -70,6 +76,7 @@ __all__ = [
     "init",
     "labels",
     "load_adapter",
+    "lorahub",
     "memory_report",
     "merge",
     "merge_quantized",
@@ -79,6 +86,7 @@ __all__ = [
     "read_adapter_metadata",
     "save_adapter",
     "split",
+    "stack",
     "to_lora",
     "trainable_mask",
     "unload",

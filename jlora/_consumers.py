@@ -218,8 +218,13 @@ def conv(v: LowRank, x, *, params: dict, out_dtype, key):
   return y.astype(out_dtype)
 
 
-def gather(v: LowRank, indices, *, params: dict, out_dtype):
-  """Low-rank part of an embedding lookup: gather rows of one factor, then project."""
+def gather(v: LowRank, indices, *, params: dict, out_dtype, rows=None):
+  """Low-rank part of an embedding lookup: gather rows of one factor, then project.
+
+  ``rows(fg, fg_labels, idx_labels) -> fg`` optionally replaces the scaling of
+  the gathered rows ``fg`` (labels: the indices' batch axes ``idx_labels``, then
+  the factor's remaining axes), e.g. a bank's per-example slot weights.
+  """
   dn = params["dimension_numbers"]
   if dn.operand_batching_dims or dn.start_indices_batching_dims:
     raise Unsupported("a batched gather")
@@ -269,6 +274,6 @@ def gather(v: LowRank, indices, *, params: dict, out_dtype):
   for d in range(nb + len(v_kept)):
     out_labels.append(next(it_off) if d in dn.offset_dims else next(it_idx))
   L = Letters()
-  fg = fg * jnp.asarray(spec.scale, fg.dtype)
+  fg = fg * jnp.asarray(spec.scale, fg.dtype) if rows is None else rows(fg, tuple(fg_labels), tuple(idx_labels))
   y = jnp.einsum(f"{L(fg_labels)},{L(gl)}->{L(out_labels)}", fg, g)
   return y.astype(out_dtype)

@@ -1,0 +1,16 @@
+"""A bank on 8 fake CPU devices: sharded serving and multi-tenant gradients equal the single-device ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_bank_under_fsdp_and_tensor_parallelism():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  res = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py")], capture_output=True, text=True,
+                       env=env, timeout=600)
+  assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout[-4000:] + res.stderr[-4000:]

@@ -44,8 +44,11 @@ def median(xs):
 
 
 def machine() -> dict:
+  # The load average says how contended the (shared) machine was while timing.
   return {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
-          "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.devices()]}
+          "cpu_count": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
+          "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def write_result(name: str, result: dict) -> str:

@@ -1,13 +1,25 @@
-"""LoRA train step vs full fine-tuning: XLA FLOPs, temp memory and wall time, with peers.
+"""LoRA train step vs its physical floor and full fine-tuning: XLA FLOPs, memory, wall time.
 
-Model: Llama-style (d=512, ffn 1376, 4 layers, vocab 1024), batch 4x256, LoRA r=8 on all
-7 linear kinds (the anchor shape of shared/reference/environment.md). One train step =
-loss + grad w.r.t. the trainable parameters + AdamW update, jitted with donated buffers.
+The *floor* is the backward pass that computes every activation gradient and no weight
+gradient at all (``no_weight_grad_backward``: the gradient of the layer-0 input-norm weight
+only, so that every activation gradient flows through every layer). No LoRA step can cost
+less; the adapters' own six rank-r matmuls per layer come on top.
 
-  python benchmarks/train_step.py            # everything (jlora, PEFT on torch, qwix)
-  python benchmarks/train_step.py --quick    # XLA cost analysis only
+Models: Llama-style (d=512, ffn 1376, 4 layers, vocab 1024) with LoRA r=8 on all 7 linear
+kinds, at three shapes (each 1024 tokens per step):
 
-Results go to benchmarks/results/train_step.json.
+  mha_t256  8 heads / 8 KV heads, batch 4 x 256   (the anchor of shared/reference/environment.md)
+  gqa_t128  8 heads / 2 KV heads, batch 8 x 128
+  mha_t32   8 heads / 8 KV heads, batch 32 x 32   (short sequences)
+
+One train step = loss + grad w.r.t. the trainable parameters + AdamW update, jitted with
+donated buffers. Peers in the same run: qwix 0.1.8 (JAX) and PEFT on PyTorch CPU.
+
+  python benchmarks/train_step.py                   # everything
+  python benchmarks/train_step.py --quick           # XLA cost and memory analysis only
+  python benchmarks/train_step.py --shapes mha_t256 # one shape
+
+Results go to benchmarks/results/train_step.json (train_step_quick.json with --quick).
 """
 
 from __future__ import annotations
@@ -21,9 +33,15 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from _common import ALL_LINEAR, ALPHA, BATCH, LLAMA, RANK, SEQ, block, interleaved_times, median, write_result
+from _common import ALL_LINEAR, ALPHA, LLAMA, RANK, block, interleaved_times, median, write_result
 
 warnings.filterwarnings("ignore")
+
+SHAPES = {
+    "mha_t256": dict(num_key_value_heads=8, batch=4, seq=256),
+    "gqa_t128": dict(num_key_value_heads=2, batch=8, seq=128),
+    "mha_t32": dict(num_key_value_heads=8, batch=32, seq=32),
+}
 
 
 def causal_lm_loss(logits, ids):
@@ -31,12 +49,19 @@ def causal_lm_loss(logits, ids):
   return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
 
-def jax_steps():
+def model_config(shape: str) -> dict:
+  s = SHAPES[shape]
+  return {**LLAMA, "num_key_value_heads": s["num_key_value_heads"]}
+
+
+def jax_steps(shape: str):
   import transformers
 
-  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**LLAMA), seed=0, _do_init=True)
+  s = SHAPES[shape]
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**model_config(shape)), seed=0,
+                                            _do_init=True)
   params = model.params
-  ids = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, LLAMA["vocab_size"])
+  ids = jax.random.randint(jax.random.key(0), (s["batch"], s["seq"]), 0, LLAMA["vocab_size"])
   fwd = lambda p, ids: model(ids, params=p).logits
   tx = optax.adamw(1e-4, weight_decay=0.01)
 
@@ -49,10 +74,10 @@ def jax_steps():
   cfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=rf".*/({'|'.join(ALL_LINEAR)})/kernel")
   lp = jlora.init(jax.random.key(1), params, cfg)
 
-  def make_lora(fused):
+  def make_lora(lowering):
     adapters, frozen = jlora.split(jax.tree.map(jnp.copy, lp, is_leaf=lambda x: x is None))
     ltx = jlora.optimizer(tx, adapters)
-    wrapped = jlora.wrap(fwd, fused_expansion=fused)
+    wrapped = jlora.wrap(fwd, fused_expansion=lowering)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def lora_step(adapters, opt_state, frozen, ids):
@@ -63,8 +88,6 @@ def jax_steps():
 
     return lora_step, (adapters, ltx.init(adapters), frozen, ids)
 
-  # Reference: a backward pass that computes no weight gradient at all (only the
-  # layer-0 input-norm weight, so every activation gradient flows through every layer).
   def no_weight_grad(params, ids):
     def loss(w):
       p = jax.tree.map(lambda t: t, params)
@@ -73,19 +96,23 @@ def jax_steps():
     return jax.grad(loss)(params["model"]["layers"]["0"]["input_layernorm"]["weight"])
 
   full_params = jax.tree.map(jnp.copy, params)  # donated: must not alias the frozen base
-  full_args = (full_params, tx.init(full_params), ids)
-  steps = {"full": (full_step, full_args), "jlora": make_lora(None), "jlora_unfused": make_lora(False),
-           "no_weight_grad_backward": (jax.jit(no_weight_grad), (params, ids))}
+  steps = {
+      "full": (full_step, (full_params, tx.init(full_params), ids)),
+      "jlora": make_lora(None),
+      "jlora_autodiff": make_lora(False),  # plain autodiff of the same low-rank path
+      "floor": (jax.jit(no_weight_grad), (params, ids)),
+  }
   return model, steps, jlora.count(lp)
 
 
-def qwix_steps(model, ids):
+def qwix_step(model, ids):
   import qwix
 
+  s_len = ids.shape[1]
   rule = qwix.LoraRule(module_path=rf".*({'|'.join(ALL_LINEAR)})", rank=RANK, alpha=ALPHA)
   qmodule = qwix.apply_lora_to_model(model.module, qwix.LoraProvider([rule]))
   attn = jnp.ones_like(ids)
-  pos = jnp.broadcast_to(jnp.arange(SEQ), ids.shape)
+  pos = jnp.broadcast_to(jnp.arange(s_len), ids.shape)
   variables = qmodule.init(jax.random.key(2), ids, attn, pos)
   params = variables["params"]
   is_lora = lambda path, _: str(getattr(path[-1], "key", "")).endswith(("_lora_a", "_lora_b"))
@@ -112,86 +139,136 @@ def qwix_steps(model, ids):
 
 
 def xla_costs(step, args) -> dict:
+  """FLOPs and memory from XLA's cost and memory analysis of the compiled step.
+
+  ``peak_bytes`` = arguments + outputs + temporaries - outputs aliased to donated
+  arguments: what the step holds at its peak, the number users compare.
+  """
   compiled = step.lower(*args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
-  return {"flops": float(cost["flops"]), "temp_bytes": int(mem.temp_size_in_bytes),
-          "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes)}
+  out = {"flops": float(cost["flops"]), "temp_bytes": int(mem.temp_size_in_bytes),
+         "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+         "alias_bytes": int(mem.alias_size_in_bytes)}
+  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  return out
 
 
-def runner(step, args):
-  """Calls a donating step repeatedly, threading its outputs back in."""
+def runner(step, args, donated: bool):
+  """Calls a step repeatedly, threading donated outputs back in."""
   state = list(args)
 
   def run():
     out = step(*state)
-    state[0], state[1] = out[0], out[1]
-    block(out[2])
+    if donated:
+      state[0], state[1] = out[0], out[1]
+      block(out[2])
+    else:
+      block(out)
 
   return run
 
 
-def torch_times(rounds: int) -> dict:
+def torch_steps(shape: str):
+  """PEFT LoRA, full fine-tuning and the floor (no weight gradient) on PyTorch CPU."""
   import peft
   import torch
   import transformers
 
+  s = SHAPES[shape]
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(**LLAMA)
-  ids = torch.randint(0, LLAMA["vocab_size"], (BATCH, SEQ))
+  cfg = transformers.LlamaConfig(**model_config(shape))
+  ids = torch.randint(0, LLAMA["vocab_size"], (s["batch"], s["seq"]))
 
-  def make(lora: bool):
+  def make(kind: str):
     model = transformers.LlamaForCausalLM(cfg)
-    if lora:
+    if kind == "lora":
       model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(ALL_LINEAR)))
+    if kind == "floor":
+      for name, p in model.named_parameters():
+        p.requires_grad_(name == "model.layers.0.input_layernorm.weight")
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+    opt = None
+    if kind != "floor":
+      opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
 
     def step():
       out = model(input_ids=ids, labels=ids)
       out.loss.backward()
-      opt.step()
-      opt.zero_grad(set_to_none=True)
+      if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+      else:
+        model.zero_grad(set_to_none=True)
 
     return step
 
-  times = interleaved_times({"full": make(False), "lora": make(True)}, rounds=rounds)
-  return {"torch_threads": torch.get_num_threads(), "full_s": median(times["full"]),
-          "lora_s": median(times["lora"]), "lora_over_full": median(times["lora"]) / median(times["full"])}
+  return {"torch_full": make("full"), "peft_lora": make("lora"), "torch_floor": make("floor")}, torch.get_num_threads()
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="XLA cost analysis only (no wall time, no peers)")
-  ap.add_argument("--rounds", type=int, default=8)
-  args = ap.parse_args()
-
-  model, steps, counts = jax_steps()
+def run_shape(shape: str, *, quick: bool, rounds: int, torch_peers: bool) -> dict:
+  s = SHAPES[shape]
+  model, steps, counts = jax_steps(shape)
   ids = steps["full"][1][2]
-  result = {"config": {**LLAMA, "batch": BATCH, "seq": SEQ, "rank": RANK, "targets": ALL_LINEAR},
+  result = {"config": {**model_config(shape), "batch": s["batch"], "seq": s["seq"], "rank": RANK,
+                       "targets": ALL_LINEAR},
             "trainable": counts.trainable, "total": counts.total}
   try:
-    steps["qwix"] = qwix_steps(model, ids)
+    steps["qwix"] = qwix_step(model, ids)
   except ImportError:
     result["qwix"] = "not installed (pip install qwix==0.1.8)"
   xla = {name: xla_costs(step, a) for name, (step, a) in steps.items()}
   for name in list(xla):
+    for ref in ("floor", "full"):
+      if name != ref:
+        xla[name][f"flops_over_{ref}"] = xla[name]["flops"] / xla[ref]["flops"]
+        xla[name][f"temp_over_{ref}"] = xla[name]["temp_bytes"] / xla[ref]["temp_bytes"]
     if name != "full":
-      xla[f"{name}_flops_over_full"] = xla[name]["flops"] / xla["full"]["flops"]
-      xla[f"{name}_temp_over_full"] = xla[name]["temp_bytes"] / xla["full"]["temp_bytes"]
+      xla[name]["peak_over_full"] = xla[name]["peak_bytes"] / xla["full"]["peak_bytes"]
   result["xla"] = xla
-  if not args.quick:
-    timed = [k for k in ("full", "jlora", "jlora_unfused", "qwix") if k in steps]
-    times = interleaved_times({k: runner(*steps[k]) for k in timed}, rounds=args.rounds)
-    wall = {f"{k}_s": median(v) for k, v in times.items()}
-    for k in timed[1:]:
-      wall[f"{k}_over_full"] = median(times[k]) / median(times["full"])
-    result["wall_jax"] = wall
+  if quick:
+    return result
+  fns = {k: runner(*steps[k], donated=k != "floor") for k in ("floor", "jlora", "full", "jlora_autodiff", "qwix")
+         if k in steps}
+  threads = None
+  if torch_peers:
     try:
-      result["wall_peft_torch"] = torch_times(args.rounds)
+      peers, threads = torch_steps(shape)
+      fns.update(peers)
     except ImportError:
-      result["wall_peft_torch"] = "torch/peft not installed"
+      result["wall_torch"] = "torch/peft not installed"
+  times = interleaved_times(fns, rounds=rounds)
+  wall = {f"{k}_s": median(v) for k, v in times.items()}
+  for k in times:
+    if k != "floor" and k in steps:
+      wall[f"{k}_over_floor"] = median(times[k]) / median(times["floor"])
+      if k != "full":
+        wall[f"{k}_over_full"] = median(times[k]) / median(times["full"])
+  if "peft_lora" in times:
+    wall["jlora_over_peft_lora"] = median(times["jlora"]) / median(times["peft_lora"])
+    wall["peft_lora_over_torch_floor"] = median(times["peft_lora"]) / median(times["torch_floor"])
+    wall["floor_over_torch_floor"] = median(times["floor"]) / median(times["torch_floor"])
+    wall["torch_threads"] = threads
+  wall["rounds"] = rounds
+  result["wall"] = wall
+  return result
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true", help="XLA cost and memory analysis only (no wall time, no torch)")
+  ap.add_argument("--rounds", type=int, default=8, help="timed rounds per step (medians are reported)")
+  ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+  ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch/PEFT peers")
+  args = ap.parse_args()
+  shapes = [s for s in args.shapes.split(",") if s]
+  unknown = [s for s in shapes if s not in SHAPES]
+  if unknown:
+    ap.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+  result = {"shapes": {}}
+  for shape in shapes:
+    result["shapes"][shape] = run_shape(shape, quick=args.quick, rounds=args.rounds, torch_peers=not args.no_torch)
   write_result("train_step" + ("_quick" if args.quick else ""), result)
 
 

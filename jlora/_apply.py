@@ -96,12 +96,16 @@ def wrap(
   Args:
     fn: the function to wrap.
     on_unsupported: ``"error"`` (default) or ``"merge"``.
-    fused_expansion: emit the rank-r expansions ``t·B`` / ``dt·Aᵀ`` as fused
-      multiply-adds (ranks <= 16) under a custom VJP, so that XLA adds them
-      inside the consumer instead of keeping a second full-size buffer. ``None``
-      (default) enables it on the CPU backend, where XLA cannot fuse a matmul
-      into the following add. Forward-mode AD (``jax.jvp``) does not pass a
-      custom VJP: set ``False`` to differentiate the wrapped function with jvp.
+    fused_expansion: how the low-rank term of a matmul is lowered. ``None``
+      (default): on the CPU backend, under a custom VJP that saves no layer
+      input it can rebuild from values the model's own backward pass keeps
+      anyway, redraws dropout masks from their key instead of saving them and
+      materialises each adapted layer's output once (docs/design.md, "The
+      train step at the floor"); plain autodiff on other backends. ``True``:
+      that custom VJP on any backend, with the rank-r expansions ``t·B`` /
+      ``dt·Aᵀ`` emitted as fused multiply-adds (ranks <= 16). ``False``: plain
+      autodiff. Forward-mode AD (``jax.jvp``) does not pass a custom VJP: set
+      ``False`` to differentiate the wrapped function with jvp.
 
   Returns:
     The wrapped function.
@@ -129,10 +133,10 @@ def wrap(
         inputs[pos] = LowRank.from_weight(node, base, Source(path, node.spec, index))
       else:
         inputs[pos] = LowRank.frozen(lazy_of(node), Source(path, None, index))
-    fused = jax.default_backend() == "cpu" if fused_expansion is None else fused_expansion
+    custom_vjp = jax.default_backend() == "cpu" if fused_expansion is None else fused_expansion
     context = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
     interp = Interpreter(mode="lora", on_unsupported=on_unsupported, rng=lora_rng, usages={},
-                         fused_expansion=fused, context=context)
+                         fused_expansion=bool(fused_expansion), custom_vjp=custom_vjp, context=context)
     outs = interp.run(closed.jaxpr, closed.consts, inputs)
     return unflatten(interp.finish(outs))
 

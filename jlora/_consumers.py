@@ -4,13 +4,16 @@ Each function returns the *scaled low-rank term* to add to the base result,
 computed from the layer input and the factors only (``x·A`` first, then
 ``·B``); the dense ``W0 + scale·B·A`` is never formed.
 
-The rank-``r`` expansion ``t·B`` (and ``dt·Aᵀ`` in the backward pass) can be
-emitted as ``r`` fused multiply-adds instead of a skinny matmul
-(``fused_expansion``). XLA's CPU backend does not fuse a matmul into the
-following add, so with plain matmuls the base output and the LoRA term live as
-two full-size buffers; the fused form lets XLA add the term inside the
-consumer's loop. On the benchmark Llama this cuts the LoRA step's temp memory
-below full fine-tuning's and its time by ~25% (see ``benchmarks/``).
+Under the *custom-VJP lowering* (``ctx.custom_vjp``, the CPU default) a matmul's
+low-rank term runs under one custom VJP (``lowrank_term``) that saves only what
+the backward pass cannot get otherwise: the layer input is rebuilt from values
+the model's own backward pass keeps anyway when it can be (``jlora._recompute``)
+and a dropout mask is drawn again from its key; the layer output
+``base + term`` is materialised once (``add_term``). Together these bring a
+LoRA step's FLOPs and memory to within a few percent of the backward pass that
+computes no weight gradient at all (see ``benchmarks/train_step.py`` and
+docs/design.md). The rank-``r`` expansions ``t·B`` / ``dt·Aᵀ`` are skinny
+matmuls, or, with ``ctx.fused_expansion``, ``r`` fused multiply-adds.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlora._lowrank import RANK, Label, Letters, LowRank, Unsupported, new_label, prov
+from jlora._recompute import Recompute
 
 # Ranks up to this use the fused expansion when it is enabled.
 FUSED_EXPANSION_MAX_RANK = 16
@@ -63,19 +67,40 @@ def _orientation(v: LowRank, contracted: frozenset, what: str) -> str:
 # -- the two-step contraction ------------------------------------------------------------
 
 
+def contract(a, a_labels, b, b_labels, out_labels, *, precision=None):
+  """``einsum(a, b -> out)`` over labels, as one ``lax.dot_general`` and a transpose.
+
+  Cheaper to trace than ``jnp.einsum`` (no contraction-path search, no nested jit),
+  which matters when a model has hundreds of adapted layers.
+  """
+  la, lb, lo = list(a_labels), list(b_labels), list(out_labels)
+  simple = (len(set(la)) == len(la) and len(set(lb)) == len(lb) and len(set(lo)) == len(lo)
+            and all(l in lb or l in lo for l in la) and all(l in la or l in lo for l in lb)
+            and all(l in la or l in lb for l in lo) and a.dtype == b.dtype)
+  if not simple:
+    L = Letters()
+    return jnp.einsum(f"{L(la)},{L(lb)}->{L(lo)}", a, b, precision=precision)
+  batch = [l for l in la if l in lb and l in lo]
+  summed = [l for l in la if l in lb and l not in lo]
+  dn = (([la.index(l) for l in summed], [lb.index(l) for l in summed]),
+        ([la.index(l) for l in batch], [lb.index(l) for l in batch]))
+  out = lax.dot_general(a, b, dn, precision=precision)
+  got = batch + [l for l in la if l not in lb] + [l for l in lb if l not in la]
+  perm = [got.index(l) for l in lo]
+  return out if perm == list(range(len(perm))) else jnp.transpose(out, perm)
+
+
 def _expand(t, t_labels, f, f_labels, out_labels, fused: bool, precision=None):
   """``einsum(t, f -> out)`` where only the rank label is contracted."""
-  L = Letters()
   if not fused:
-    return jnp.einsum(f"{L(t_labels)},{L(f_labels)}->{L(out_labels)}", t, f, precision=precision)
+    return contract(t, t_labels, f, f_labels, out_labels, precision=precision)
   r_t, r_f = t_labels.index(RANK), f_labels.index(RANK)
   tl = [l for l in t_labels if l != RANK]
   fl = [l for l in f_labels if l != RANK]
-  spec = f"{L(tl)},{L(fl)}->{L(out_labels)}"
   acc = None
   for k in range(t.shape[r_t]):
-    term = jnp.einsum(spec, lax.index_in_dim(t, k, r_t, keepdims=False),
-                      lax.index_in_dim(f, k, r_f, keepdims=False))
+    term = contract(lax.index_in_dim(t, k, r_t, keepdims=False), tl,
+                    lax.index_in_dim(f, k, r_f, keepdims=False), fl, out_labels)
     acc = term if acc is None else acc + term
   return acc
 
@@ -83,38 +108,114 @@ def _expand(t, t_labels, f, f_labels, out_labels, fused: bool, precision=None):
 def _lowrank_term(x, f1, f2, *, scale, labels, precision, fused):
   """``scale · einsum(einsum(x, f1), f2)`` with labels ``(x, f1, f2, t, out)``."""
   xl, l1, l2, tl, ol = labels
-  L = Letters()
-  t = jnp.einsum(f"{L(xl)},{L(l1)}->{L(tl)}", x, f1, precision=precision)
+  t = contract(x, xl, f1, l1, tl, precision=precision)
   t = t * jnp.asarray(scale, t.dtype)
   return _expand(t, tl, f2, l2, ol, fused, precision), t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused_lowrank_term(x, f1, f2, scale, labels, precision):
-  return _lowrank_term(x, f1, f2, scale=scale, labels=labels, precision=precision, fused=True)[0]
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Term:
+  """Static parts of one low-rank term under the custom VJP (see ``lowrank_term``)."""
+
+  labels: tuple
+  scale: Any
+  precision: Any
+  fused: bool
+  rate: float  # LoRA dropout rate (0: none)
+  dtype: Any  # the factors' dtype: the input is cast to it
+  rebuild: Any  # Callable[[roots], x] or None: x is saved instead
 
 
-def _fused_fwd(x, f1, f2, scale, labels, precision):
-  y, t = _lowrank_term(x, f1, f2, scale=scale, labels=labels, precision=precision, fused=True)
-  return y, (x, f1, f2, t)
+def _keep_mask(st: _Term, key_data, shape, dep=None):
+  key = jax.random.wrap_key_data(key_data)
+  p = 1.0 - st.rate
+  return jax.random.bernoulli(key, p if dep is None else p + dep, shape)
 
 
-def _fused_bwd(scale, labels, precision, res, dy):
-  # Same residuals and contractions as autodiff of the unfused form; only the
-  # expansion dt·f1ᵀ is emitted fused so that XLA adds it into the base dx.
-  x, f1, f2, t = res
-  xl, l1, l2, tl, ol = labels
-  L = Letters()
+def _after(dt):
+  """A zero that depends on ``dt``: adding it to a value makes XLA compute that value late.
+
+  XLA:CPU removes optimization barriers before scheduling, and its scheduler may then
+  run a recomputation in the forward pass, which would keep its result alive as if it
+  were saved. A data dependency on the backward pass's ``dt`` cannot be removed
+  (``0·v`` is not folded for floats).
+  """
+  return jnp.ravel(dt)[0].astype(jnp.float32) * 0.0
+
+
+def _plus(x, z):
+  return x + z.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _prep(st: _Term, x, keep):
+  if keep is not None:
+    x = jnp.where(keep, x / (1.0 - st.rate), jnp.zeros_like(x))
+  return x.astype(st.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _term(st: _Term, x, roots, f1, f2, key_data):
+  keep = None if key_data is None else _keep_mask(st, key_data, x.shape)
+  return _lowrank_term(_prep(st, x, keep), f1, f2, scale=st.scale, labels=st.labels,
+                       precision=st.precision, fused=st.fused)[0]
+
+
+def _term_fwd(st: _Term, x, roots, f1, f2, key_data):
+  keep = None if key_data is None else _keep_mask(st, key_data, x.shape)
+  y, t = _lowrank_term(_prep(st, x, keep), f1, f2, scale=st.scale, labels=st.labels,
+                       precision=st.precision, fused=st.fused)
+  # The input is saved only when it cannot be rebuilt from values kept anyway; a dropout
+  # mask is never saved (it is drawn again from its key).
+  saved = roots if st.rebuild is not None else x
+  return y, (saved, f1, f2, t, key_data, jnp.zeros((0,), x.dtype))
+
+
+def _term_bwd(st: _Term, res, dy):
+  saved, f1, f2, t, key_data, x_dtype = res
+  xl, l1, l2, tl, ol = st.labels
   dy = dy.astype(f2.dtype)
-  dt = jnp.einsum(f"{L(ol)},{L(l2)}->{L(tl)}", dy, f2, precision=precision)
-  df2 = jnp.einsum(f"{L(tl)},{L(ol)}->{L(l2)}", t, dy, precision=precision)
-  dt = dt * jnp.asarray(scale, dt.dtype)
-  dx = _expand(dt, tl, f1, l1, xl, True).astype(x.dtype)
-  df1 = jnp.einsum(f"{L(xl)},{L(tl)}->{L(l1)}", x, dt, precision=precision)
-  return dx, df1, df2
+  dt = contract(dy, ol, f2, l2, tl, precision=st.precision)
+  df2 = contract(t, tl, dy, ol, l2, precision=st.precision)
+  dt = dt * jnp.asarray(st.scale, dt.dtype)
+  dep = None
+  if st.rebuild is not None or key_data is not None:
+    # Tie the recomputation to the backward pass so that XLA neither merges it with the
+    # forward computation (which would keep the input alive) nor schedules it early.
+    saved, key_data, dt = lax.optimization_barrier((saved, key_data, dt))
+    dep = _after(dt)
+  if st.rebuild is not None:
+    # One late operand is enough to order the whole recomputation (the smallest float one,
+    # so that no large copy is made when it does not fuse).
+    floats = [i for i, r in enumerate(saved) if jnp.issubdtype(r.dtype, jnp.floating)]
+    late = min(floats, key=lambda i: saved[i].size) if floats else None
+    x = st.rebuild(tuple(_plus(r, dep) if i == late else r for i, r in enumerate(saved)))
+  else:
+    x = saved
+  keep = None if key_data is None else _keep_mask(st, key_data, x.shape, dep)
+  df1 = contract(_prep(st, x, keep), xl, dt, tl, l1, precision=st.precision)
+  dx = _expand(dt, tl, f1, l1, xl, st.fused, st.precision)
+  if keep is not None:
+    dx = jnp.where(keep, dx / (1.0 - st.rate), jnp.zeros_like(dx))
+  return dx.astype(x_dtype.dtype), None, df1, df2, None
 
 
-_fused_lowrank_term.defvjp(_fused_fwd, _fused_bwd)
+_term.defvjp(_term_fwd, _term_bwd)
+
+
+def lowrank_term(x, f1, f2, *, labels, scale, precision, fused: bool, rate: float = 0.0, key=None,
+                 recompute: Recompute | None = None):
+  """``scale · ((dropout(x)·f1)·f2)`` under a custom VJP that controls what is saved.
+
+  The backward pass keeps ``t = x·f1`` and either ``x`` or, with ``recompute``,
+  the roots ``x`` is rebuilt from (values the model's own backward pass keeps
+  anyway); a dropout mask is redrawn from ``key`` instead of being saved. With
+  ``fused`` the rank expansions are fused multiply-adds (see ``two_step``).
+  """
+  key_data = None if key is None or rate <= 0.0 else jax.random.key_data(key)
+  st = _Term(labels=labels, scale=scale, precision=precision, fused=fused, rate=float(rate),
+             dtype=f1.dtype, rebuild=None if recompute is None else recompute.rebuild)
+  roots = () if recompute is None else tuple(recompute.roots)
+  return _term(st, x, roots, f1, f2, key_data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +228,16 @@ class DotPlan:
   first: str  # the factor the input meets first: "a" (or "b" for a tied embedding used as output)
   precision: Any
   out_dtype: Any
+  recompute: Recompute | None = None  # how the backward pass may rebuild the input instead of saving it
 
 
-def dot_plan(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out_dtype) -> DotPlan:
-  """Labels the input and the result of ``dot_general(x, v)`` (or ``(v, x)``)."""
+def dot_plan(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out_dtype,
+             recompute: Recompute | None = None) -> DotPlan:
+  """Labels the input and the result of ``dot_general(x, v)`` (or ``(v, x)``).
+
+  ``recompute`` (from the interpreter) says how the backward pass can rebuild ``x``
+  from values it keeps anyway; ``lora_dot_term`` uses it.
+  """
   (lc, rc), (lb, rb) = dimension_numbers
   if v_is_lhs:
     vc, xc, vb, xb = lc, rc, lb, rb
@@ -146,7 +253,7 @@ def dot_plan(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out
   v_free = [v.labels[i] for i in range(len(v.labels)) if i not in vc and i not in vb]
   out_labels = batch + (v_free + x_free if v_is_lhs else x_free + v_free)
   first = _orientation(v, frozenset(v.labels[i] for i in vc), "contracted")
-  return DotPlan(v_is_lhs, tuple(x_labels), tuple(out_labels), first, precision, out_dtype)
+  return DotPlan(v_is_lhs, tuple(x_labels), tuple(out_labels), first, precision, out_dtype, recompute)
 
 
 def lowrank_labels(x_labels, l1, l2, out_labels) -> tuple:
@@ -160,10 +267,34 @@ def lowrank_labels(x_labels, l1, l2, out_labels) -> tuple:
 
 
 def two_step(x, f1, f2, *, labels, scale, precision, fused: bool):
-  """``scale · ((x·f1)·f2)`` with ``labels`` from ``lowrank_labels``; fused expansion if asked."""
+  """``scale · ((x·f1)·f2)`` with ``labels`` from ``lowrank_labels``; fused expansion if asked.
+
+  The fused form runs under a custom VJP (``lowrank_term``) that saves ``x``.
+  """
   if fused:
-    return _fused_lowrank_term(x, f1, f2, scale, labels, precision)
+    return lowrank_term(x, f1, f2, labels=labels, scale=scale, precision=precision, fused=True)
   return _lowrank_term(x, f1, f2, scale=scale, labels=labels, precision=precision, fused=False)[0]
+
+
+def add_term(ctx, v: LowRank, base_out, term):
+  """The layer output ``base_out + term``, materialised once under the custom-VJP lowering.
+
+  XLA:CPU fuses a cheap elementwise producer into every consumer that reads it,
+  so the sum would be recomputed by each of them, forward and backward, keeping
+  both the base output and the term alive. Dividing the sum by a runtime one
+  (exact) makes it an "expensive" producer that XLA computes once, into a
+  buffer that takes the base output's place.
+  """
+  y = base_out + term.astype(base_out.dtype)
+  if not getattr(ctx, "custom_vjp", False) or not jnp.issubdtype(y.dtype, jnp.floating):
+    return y
+  factor = next(iter(v.factors.values()))
+  return y / _runtime_one(factor).astype(y.dtype)
+
+
+def _runtime_one(f):
+  """``1.0`` computed from a small, always live factor, so that XLA cannot fold it away."""
+  return lax.stop_gradient(1.0 + 0.0 * jnp.ravel(f)[0].astype(jnp.float32))
 
 
 def lora_input(ctx, v: LowRank, x):
@@ -176,17 +307,23 @@ def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None):
   """The scaled low-rank term of a ``dot_general`` for factors ``a`` and ``b``.
 
   ``factors`` optionally replaces ``(a, b)`` (same labels), e.g. a variant's
-  effective factors.
+  effective factors. Under the custom-VJP lowering the term saves neither the
+  input when ``plan.recompute`` can rebuild it nor a dropout mask.
   """
   a, b = factors if factors is not None else (v.a, v.b)
-  xin = lora_input(ctx, v, x)
   if plan.first == "a":
     f1, l1, f2, l2 = a, v.a_labels, b, v.b_labels
   else:
     f1, l1, f2, l2 = b, v.b_labels, a, v.a_labels
   labels = lowrank_labels(plan.x_labels, l1, l2, plan.out_labels)
-  fused = ctx.fused_expansion and v.source.spec.rank <= FUSED_EXPANSION_MAX_RANK
-  y = two_step(xin, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused)
+  spec = v.source.spec
+  fused = ctx.fused_expansion and spec.rank <= FUSED_EXPANSION_MAX_RANK
+  if getattr(ctx, "custom_vjp", False):
+    y = lowrank_term(x, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused,
+                     rate=spec.dropout, key=ctx.next_key(), recompute=plan.recompute)
+  else:
+    xin = lora_input(ctx, v, x)
+    y = two_step(xin, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused)
   return y.astype(plan.out_dtype)
 
 

@@ -26,6 +26,7 @@ from jlora import _consumers, _lowrank
 from jlora._consumers import OrientationError
 from jlora._lazy import LazyBase
 from jlora._lowrank import LowRank, Unsupported
+from jlora._recompute import Analysis, Recompute
 
 try:  # source locations in error messages and profiles; private, so optional
   from jax._src import source_info_util as _siu
@@ -73,6 +74,23 @@ def _is_lr(x) -> bool:
   return isinstance(x, LowRank)
 
 
+class _Frame:
+  """One jaxpr being evaluated: its environment and, on demand, its static analysis."""
+
+  __slots__ = ("jaxpr", "env", "args", "hot_in", "_analysis")
+
+  def __init__(self, jaxpr, env, args, hot_in):
+    self.jaxpr, self.env, self.args, self.hot_in = jaxpr, env, args, hot_in
+    self._analysis = None
+
+  def analysis(self) -> Analysis:
+    if self._analysis is None:
+      kernel_in = [_is_lr(a) for a in self.args]
+      hot_in = self.hot_in if self.hot_in is not None else [False] * len(self.args)
+      self._analysis = Analysis(self.jaxpr, kernel_in, hot_in, _STRUCTURAL)
+    return self._analysis
+
+
 class Interpreter:
   """Evaluates jaxprs, replacing LoRA kernel uses by their low-rank path.
 
@@ -81,19 +99,24 @@ class Interpreter:
   """
 
   def __init__(self, *, mode: str, on_unsupported: OnUnsupported, rng, usages: dict,
-               fused_expansion: bool = False, context: dict | None = None):
+               fused_expansion: bool = False, custom_vjp: bool = False, context: dict | None = None):
     self.mode = mode
     self.on_unsupported = on_unsupported
     self.rng = rng
     self.usages = usages
+    # The custom-VJP lowering of the consumers (``_consumers.lowrank_term``) and, within
+    # it or alone, rank expansions as fused multiply-adds.
+    self.custom_vjp = custom_vjp
     self.fused_expansion = fused_expansion
     # Per-call inputs for variants, e.g. ``adapter_ids`` for a bank of adapters.
     self.context = {} if context is None else context
     self._sites = 0
+    self._frame: _Frame | None = None
 
   def child(self, rng) -> "Interpreter":
     return Interpreter(mode=self.mode, on_unsupported=self.on_unsupported, rng=rng,
-                       usages=self.usages, fused_expansion=self.fused_expansion, context=self.context)
+                       usages=self.usages, fused_expansion=self.fused_expansion,
+                       custom_vjp=self.custom_vjp, context=self.context)
 
   def next_key(self):
     if self.rng is None:
@@ -104,10 +127,30 @@ class Interpreter:
   def record(self, v: LowRank, usage: dict) -> None:
     self.usages.setdefault(v.path, []).append(usage)
 
-  # -- evaluation -----------------------------------------------------------------
-  def run(self, jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
-    env: dict = {}
+  # -- static facts about the jaxpr being evaluated (for the consumers) --------------
+  def hot(self, invars) -> list[bool]:
+    """Whether each of ``invars`` (of the current jaxpr) depends on a LoRA kernel."""
+    hot = self._frame.analysis().hot
+    return [not isinstance(v, jcore.Literal) and v in hot for v in invars]
 
+  def recompute(self, var, *, rank: int) -> Recompute | None:
+    """How to rebuild the layer input ``var`` in the backward pass (``jlora._recompute``)."""
+    if self._frame is None or self.mode != "lora":
+      return None
+    return self._frame.analysis().recompute(var, self._frame.env, _bind, rank=rank)
+
+  # -- evaluation -----------------------------------------------------------------
+  def run(self, jaxpr, consts: Sequence[Any], args: Sequence[Any], hot: Sequence[bool] | None = None) -> list:
+    """Evaluates ``jaxpr``; ``hot`` flags the inputs that carry tangents (LoRA kernels always do)."""
+    env: dict = {}
+    frame, self._frame = self._frame, _Frame(jaxpr, env, list(consts) + list(args),
+                                              None if hot is None else [False] * len(consts) + list(hot))
+    try:
+      return self._run(jaxpr, consts, args, env)
+    finally:
+      self._frame = frame
+
+  def _run(self, jaxpr, consts, args, env) -> list:
     def read(v):
       return v.val if isinstance(v, jcore.Literal) else env[v]
 
@@ -177,6 +220,8 @@ class Interpreter:
 # -----------------------------------------------------------------------------
 
 _RULES: dict[Any, Callable] = {}
+# Primitives through which a LoRA kernel stays a kernel (filled by ``_structural``; scalar scaling).
+_STRUCTURAL: set = {P.mul_p, P.div_p}
 
 
 def _rule(*prims):
@@ -297,6 +342,7 @@ def _structural(*prims):
         out = outs[0]
       return [update(v, eqn, out, rest)]
 
+    _STRUCTURAL.update(prims)
     return _rule(*prims)(rule)
 
   return deco
@@ -399,8 +445,10 @@ def _dot_general(interp, eqn, invals):
     return [out]
   if not v.has_factors:
     return [out]
+  x_var = eqn.invars[1] if v_is_lhs else eqn.invars[0]
+  recompute = interp.recompute(x_var, rank=v.source.spec.rank) if interp.custom_vjp else None
   plan = _consumers.dot_plan(v, x, v_is_lhs=v_is_lhs, dimension_numbers=dn,
-                             precision=eqn.params["precision"], out_dtype=out.dtype)
+                             precision=eqn.params["precision"], out_dtype=out.dtype, recompute=recompute)
   return [v.source.spec.variant.dot(interp, v, x, out, plan)]
 
 
@@ -452,19 +500,26 @@ def _closed(j):
 @_rule(P.jit_p, P.closed_call_p)
 def _inline(interp, eqn, invals):
   jaxpr, consts = _closed(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
-  return interp.run(jaxpr, consts, invals)
+  return interp.run(jaxpr, consts, invals, hot=interp.hot(eqn.invars))
 
 
 @_rule(P.remat_p)
 def _remat(interp, eqn, invals):
   p = eqn.params
   jaxpr, consts = _closed(p["jaxpr"])
+  hot = interp.hot(eqn.invars)
 
   def body(vals, key):
-    return interp.child(key).run(jaxpr, consts, vals)
+    return interp.child(key).run(jaxpr, consts, vals, hot=hot)
 
   ck = jax.checkpoint(body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy"))
   return ck(list(invals), interp.next_key())
+
+
+def _loop_hot(hot: list, invals, nconst: int, ncarry: int) -> list:
+  """Hot flags of a loop body's inputs: a carry is hot if anything entering the loop is."""
+  any_hot = any(hot) or any(_is_lr(x) for x in invals)
+  return [*hot[:nconst], *([any_hot] * ncarry), *hot[nconst + ncarry:]]
 
 
 @_rule(P.scan_p)
@@ -488,11 +543,12 @@ def _scan(interp, eqn, invals):
       rebuild.append(None)
   key = interp.next_key()
   keys = None if key is None else jax.random.split(key, p["length"])
+  hot = _loop_hot(interp.hot(eqn.invars), invals, nconst, ncarry)
 
   def body(carry, inp):
     xs_in, k = inp
     xs_vals = [fn(x) if fn is not None else x for x, fn in zip(xs_in, rebuild)]
-    outs = interp.child(k).run(jaxpr, jconsts, [*consts, *carry, *xs_vals])
+    outs = interp.child(k).run(jaxpr, jconsts, [*consts, *carry, *xs_vals], hot=hot)
     return outs[:ncarry], outs[ncarry:]
 
   carry, ys = lax.scan(body, list(init), (packed, keys), length=p["length"],
@@ -506,10 +562,11 @@ def _cond(interp, eqn, invals):
   if _is_lr(index):
     raise Unsupported("")
   key = interp.next_key()
+  hot = interp.hot(eqn.invars[1:])
 
   def branch(closed):
     jaxpr, consts = _closed(closed)
-    return lambda ops, k: interp.child(k).run(jaxpr, consts, ops)
+    return lambda ops, k: interp.child(k).run(jaxpr, consts, ops, hot=hot)
 
   return lax.switch(index, [branch(b) for b in eqn.params["branches"]], ops, key)
 
@@ -524,15 +581,18 @@ def _while(interp, eqn, invals):
   cj, cc = _closed(p["cond_jaxpr"])
   bj, bc = _closed(p["body_jaxpr"])
   key = interp.next_key()
+  hot = interp.hot(eqn.invars)
+  carry_hot = [any(hot) or any(_is_lr(x) for x in invals)] * len(init)
+  cond_hot, body_hot = hot[:nc] + carry_hot, hot[nc:nc + nb] + carry_hot
 
   def cond_fn(state):
     carry, _ = state
-    return interp.child(None).run(cj, cc, [*cconsts, *carry])[0]
+    return interp.child(None).run(cj, cc, [*cconsts, *carry], hot=cond_hot)[0]
 
   def body_fn(state):
     carry, k = state
     k_here, k_next = (None, None) if k is None else tuple(jax.random.split(k))
-    return interp.child(k_here).run(bj, bc, [*bconsts, *carry]), k_next
+    return interp.child(k_here).run(bj, bc, [*bconsts, *carry], hot=body_hot), k_next
 
   carry, _ = lax.while_loop(cond_fn, body_fn, (init, key))
   return list(carry)

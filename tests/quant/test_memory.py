@@ -22,7 +22,7 @@ def model(scan: bool):
 
   def f(p, x):
     def body(h, w):
-      att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", h @ w["q"], h @ w["k"]) / np.sqrt(D), axis=-1)
+      att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", h @ w["q"], h @ w["k"]) / D**0.5, axis=-1)
       h = h + jnp.einsum("bts,bsd->btd", att, h @ w["v"]) @ w["o"]
       return h + jax.nn.gelu(h @ w["up"]) @ w["down"], None
 

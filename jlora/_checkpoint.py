@@ -34,8 +34,10 @@ def fingerprint(params: Params, *, samples: int = 1024) -> str:
   blocks (``jlora.quant._fingerprint``), which a 4-bit ``jlora.NF4Weight`` of the
   same kernel stores bit for bit: the fingerprint of ``jlora.quantize(params,
   ...)`` equals that of ``params``, so an adapter trained with QLoRA loads onto
-  the dense base and vice versa. Adapters are ignored: the fingerprint of
-  ``jlora.init(...)`` output equals the base's.
+  the dense base and vice versa. Codes are relative to each block's absmax, so a
+  kernel and a uniformly rescaled copy of it share a fingerprint (different pretrained
+  weights do not). Adapters are ignored: the fingerprint of ``jlora.init(...)``
+  output equals the base's.
 
   Example:
     >>> import jax.numpy as jnp, jlora

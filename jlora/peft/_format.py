@@ -360,7 +360,9 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
   use_rslora = bool(config.get("use_rslora", False))
   # path -> (spec, A, B, module of the first slice) assembled from each module's slice
   built: dict[str, tuple[LoraSpec, np.ndarray, np.ndarray, np.ndarray | None, str]] = {}
-  replacements: dict[str, LoraWeight] = {}  # AdaLoRA modules go straight here
+  replacements: dict[str, LoraWeight] = {}
+  # AdaLoRA: path -> (spec, A, B, E, rank mask, first module); uncovered layers keep zeros (the base)
+  ada: dict[str, tuple] = {}
   for module, kinds in sorted(parts.items()):
     if module not in candidates:
       near = [c for c in candidates if c.endswith(module.split(".")[-1])][:3]
@@ -376,10 +378,15 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
     lay = (layout or {}).get(path) or mm.layout_for(path, len(leaf.shape), embedding)
     lay = lay.normalized(len(leaf.shape))
     if config["peft_type"] == "ADALORA":
-      if idx:
-        raise PeftFormatError(f"{wpath}: {module!r} is one layer of the stacked parameter {path!r}; AdaLoRA "
-                              "adapters load onto unstacked kernels only (load the model unscanned).")
-      replacements[path] = _variants.load_adalora_module(config, wpath, module, kinds, path, leaf, lay)
+      spec, a_s, b_s, e_s, m_s = _variants.adalora_slice(config, wpath, module, kinds, path, leaf, lay)
+      if path not in ada:
+        ada[path] = (spec, *(np.zeros(spec.factor_shapes[n], np.float32) for n in ("a", "b", "e", "rank_mask")),
+                     module)
+      if ada[path][0] != spec:
+        raise PeftFormatError(f"{wpath}: {module!r} and {ada[path][-1]!r} are slices of the stacked parameter "
+                              f"{path!r} but have different AdaLoRA ranks")
+      for arr, val in zip(ada[path][1:5], (a_s, b_s, e_s, m_s)):
+        arr[idx] = val
       continue
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
     spec = LoraSpec(shape=tuple(leaf.shape), layout=lay, rank=int(r), alpha=alpha, rslora=use_rslora,
@@ -411,13 +418,17 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
 
   # Slices of a stacked kernel that the PEFT adapter does not cover (layers_to_transform)
   # keep A = B = 0: exactly the base there (for DoRA with the magnitude of the base, ‖W0‖).
+  for path, (spec, a, b, e, mask, first) in ada.items():
+    replacements[path] = LoraWeight(candidates[first][1], jax.numpy.asarray(a), jax.numpy.asarray(b), spec,
+                                    {"e": jax.numpy.asarray(e), "rank_mask": jax.numpy.asarray(mask)})
   for path, (spec, a, b, mag, first) in built.items():
     w0 = candidates[first][1]
     extras = {}
     if mag is not None:
       covered = np.zeros(mag.shape[:len(spec.batch_axes)], bool)
       for module, (p, _, idx) in candidates.items():
-        covered[idx] |= p == path and module in parts
+        if p == path and module in parts:
+          covered[idx] = True
       if not covered.all():
         zero_a = jax.numpy.zeros(spec.a_shape, jax.numpy.float32)
         base_norm = np.asarray(spec.variant.init_extras(spec, w0, {"a": zero_a, "b": jax.numpy.asarray(b)})

@@ -124,9 +124,10 @@ def save_adalora(directory: str, weights: Mapping[str, LoraWeight], mm, *, base_
   return directory
 
 
-def load_adalora_module(config: Mapping[str, Any], wpath: str, module: str, kinds: Mapping[str, np.ndarray],
-                        path: str, leaf: Any, lay) -> LoraWeight:
-  """One PEFT AdaLoRA module as a jlora AdaLoRA adapter of rank ``init_r`` (kept ranks placed by pattern)."""
+def adalora_slice(config: Mapping[str, Any], wpath: str, module: str, kinds: Mapping[str, np.ndarray],
+                  path: str, leaf: Any, lay) -> tuple[LoraSpec, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """One PEFT AdaLoRA module as ``(spec, a, b, e, rank_mask)`` of a jlora AdaLoRA adapter of rank
+  ``init_r`` (kept ranks placed by pattern); for a stacked kernel, the arrays are one layer's slice."""
   missing = [k for k in ("lora_A", "lora_E", "lora_B") if k not in kinds]
   if missing:
     raise _error(f"{wpath}: AdaLoRA module {module!r} lacks {missing}.")
@@ -150,7 +151,7 @@ def load_adalora_module(config: Mapping[str, Any], wpath: str, module: str, kind
   b_full = np.zeros((spec.fan_out, init_r), np.float32)
   e_full = np.zeros(init_r, np.float32)
   a_full[keep], b_full[:, keep], e_full[keep] = a_t, b_t, e_t
-  a = np.ascontiguousarray(a_full.T).reshape(spec.a_shape)
-  b = np.ascontiguousarray(b_full.T).reshape(spec.b_shape)
-  return LoraWeight(leaf, jnp.asarray(a), jnp.asarray(b), spec,
-                    {"e": jnp.asarray(e_full), "rank_mask": jnp.asarray(keep.astype(np.float32))})
+  nb = len(spec.batch_axes)
+  a = np.ascontiguousarray(a_full.T).reshape(spec.a_shape[nb:])
+  b = np.ascontiguousarray(b_full.T).reshape(spec.b_shape[nb:])
+  return spec, a, b, e_full, keep.astype(np.float32)

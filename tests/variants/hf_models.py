@@ -1,4 +1,4 @@
-"""Tiny PyTorch transformers models and their Flax twins (jlora.finetune.model.load), shared by the
+"""Tiny PyTorch transformers models and their JAX twins (jlora.finetune.model.load: jlora.models for Llama), shared by the
 variants' PEFT-parity tests."""
 
 from __future__ import annotations
@@ -32,14 +32,20 @@ def torch_model(arch):
   return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def make_base(arch, directory):
+def make_base(arch, directory, native=True):
+  """Saves the tiny torch model; loads it natively (jlora.models: stacked layers) or, with
+  ``native=False``, with transformers' Flax class (one kernel per layer, as PEFT names them)."""
+  from jlora.finetune import hf_flax
   from jlora.finetune import model as model_lib
   from jlora.finetune.config import DEFAULT_MODEL
 
   torch_model(arch).save_pretrained(str(directory), safe_serialization=True)
   for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     shutil.copy(os.path.join(DEFAULT_MODEL, f), os.path.join(str(directory), f))
-  return model_lib.load(str(directory))
+  if native:
+    return model_lib.load(str(directory))
+  return hf_flax.load(str(directory), bf16=False, remat=False, tokenizer=model_lib.load_tokenizer(str(directory)),
+                      model_id=str(directory))
 
 
 def torch_logits(model, ids=IDS):
@@ -55,6 +61,8 @@ def flax_logits(loaded, params, ids=IDS):
 
 
 def layout(loaded):
+  if loaded.native:  # jlora.models: the decoder's own (stacked) layout
+    return loaded.layout
   ids = jnp.zeros((1, 4), jnp.int32)
   return jlora.infer_layout(loaded.forward, loaded.params, ids, jnp.ones_like(ids))
 
@@ -94,7 +102,7 @@ def train_torch(model, steps=3, lr=1e-2):
 
 
 @functools.lru_cache(maxsize=None)
-def hf_base(arch):
-  """The tiny base of ``arch`` saved once per process, its Flax twin and kernel layout."""
-  loaded = make_base(arch, tempfile.mkdtemp(prefix=f"jlora-{arch}-"))
+def hf_base(arch, native=True):
+  """The tiny base of ``arch`` saved once per process, its JAX twin and kernel layout."""
+  loaded = make_base(arch, tempfile.mkdtemp(prefix=f"jlora-{arch}-"), native)
   return loaded, layout(loaded)

@@ -28,7 +28,7 @@ OURS = dict(target_rank=2, tinit=2, tfinal=3, delta_t=2, total_steps=12)
 
 @pytest.fixture
 def llama():
-  return hf_base("llama")
+  return hf_base("llama", native=False)  # per-layer kernels: the tests index modules as PEFT names them
 
 
 def _peft_adalora(**kw):
@@ -53,7 +53,7 @@ def test_rank_allocator_matches_peft_step_by_step(llama, tmp_path):
   pm = _peft_adalora()
   d = str(tmp_path / "init")
   pm.save_pretrained(d)
-  lp = jlora.peft.load(d, loaded.params, model_type="llama")
+  lp = jlora.peft.load(d, loaded.params, module_map=loaded.module_map, layout=loaded.layout)
   adapters, frozen = jlora.split(lp)
   lr = 0.05
   tx = jlora.optimizer(jlora.adalora(optax.sgd(lr), **OURS), adapters)
@@ -115,7 +115,7 @@ def test_peft_trained_adalora_loads_in_jlora_and_back(llama, tmp_path):
   d = str(tmp_path / "peft")
   pm.save_pretrained(d)
   assert json.load(open(os.path.join(d, "adapter_config.json")))["rank_pattern"]
-  lp = jlora.peft.load(d, loaded.params, model_type="llama")
+  lp = jlora.peft.load(d, loaded.params, module_map=loaded.module_map, layout=loaded.layout)
   want = torch_logits(pm)
   np.testing.assert_allclose(flax_logits(loaded, lp), want, **TOL)
   kept = {p: int(m.sum()) for p, m in jlora.variants.rank_pattern(lp).items()}
@@ -125,11 +125,11 @@ def test_peft_trained_adalora_loads_in_jlora_and_back(llama, tmp_path):
   ws = jlora._checkpoint.adapter_weights(plain)
   assert {p: w.spec.rank for p, w in ws.items()} == {p: k for p, k in kept.items() if k}
   np.testing.assert_allclose(flax_logits(loaded, plain), want, **TOL)
-  out = jlora.peft.save(str(tmp_path / "plain"), plain, model_type="llama")
+  out = jlora.peft.save(str(tmp_path / "plain"), plain, module_map=loaded.module_map)
   np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(torch_model("llama"), out).eval()),
                              want, **TOL)
   # jlora's AdaLoRA export of the same adapter loads in PEFT again.
-  again = jlora.peft.save(str(tmp_path / "again"), lp, model_type="llama",
+  again = jlora.peft.save(str(tmp_path / "again"), lp, module_map=loaded.module_map,
                           adalora_config={"total_step": SCHEDULE["total_step"]})
   np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(torch_model("llama"), again).eval()),
                              want, **TOL)
@@ -151,7 +151,7 @@ def test_orthogonality_penalty_matches_peft(llama, tmp_path):
     without = float(pm(input_ids=ids, labels=ids).loss)
   d = str(tmp_path / "p")
   pm.save_pretrained(d)
-  lp = jlora.peft.load(d, loaded.params, model_type="llama")
+  lp = jlora.peft.load(d, loaded.params, module_map=loaded.module_map, layout=loaded.layout)
   assert float(lm_loss(loaded, lp)) == pytest.approx(without, rel=1e-5)
   assert 0.5 * float(jlora.orthogonality_penalty(lp)) == pytest.approx(with_reg - without, rel=1e-5)
 
@@ -178,13 +178,13 @@ def test_jlora_trained_adalora_exports_to_peft(llama, tmp_path):
   assert sum(int(m.sum()) for m in kept.values()) == 8
   want = flax_logits(loaded, lp)
   assert np.abs(want - torch_logits(torch_model("llama"))).max() > 1e-4
-  out = jlora.peft.save(str(tmp_path / "ada"), lp, model_type="llama", adalora_config={"total_step": 12})
+  out = jlora.peft.save(str(tmp_path / "ada"), lp, module_map=loaded.module_map, adalora_config={"total_step": 12})
   cfg_json = json.load(open(os.path.join(out, "adapter_config.json")))
   assert cfg_json["peft_type"] == "ADALORA" and cfg_json["init_r"] == 6
   pm = peft.PeftModel.from_pretrained(torch_model("llama"), out).eval()
   np.testing.assert_allclose(torch_logits(pm), want, **TOL)
   # Round trip through the PEFT directory: exact on the kept ranks (PEFT saves only those).
-  back = jlora.peft.load(out, loaded.params, model_type="llama")
+  back = jlora.peft.load(out, loaded.params, module_map=loaded.module_map, layout=loaded.layout)
   for p, w in jlora._checkpoint.adapter_weights(lp).items():
     b, k = jlora._checkpoint.adapter_weights(back)[p], kept[p]
     assert b.spec == w.spec
@@ -253,3 +253,31 @@ def test_bad_schedules_and_missing_params_are_errors():
   tx = jlora.adalora(optax.sgd(1.0), target_rank=1, total_steps=3)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(ada, tx.init(ada))
+
+
+def test_adalora_on_scanned_layers_exports_to_peft_and_back(tmp_path):
+  """jlora.models' stacked kernels: one PEFT module per layer, each with its own kept ranks."""
+  loaded, lay = hf_base("llama")  # native: (layers, in, out) kernels under scan
+  cfg = jlora.LoraConfig(rank=6, alpha=8, targets=r".*/(q_proj|v_proj)/kernel", variant=jlora.AdaLoRA())
+  adapters, frozen = jlora.split(jlora.init(jax.random.key(0), loaded.params, cfg, layout=lay))
+  tx = jlora.optimizer(jlora.adalora(optax.adamw(1e-2, weight_decay=0.0), **OURS), adapters)
+  state = tx.init(adapters)
+
+  @jax.jit
+  def step(adapters, state):
+    u, state = tx.update(jax.grad(lambda a: lm_loss(loaded, jlora.combine(a, frozen)))(adapters), state, adapters)
+    return optax.apply_updates(adapters, u), state
+
+  for _ in range(OURS["total_steps"]):
+    adapters, state = step(adapters, state)
+  lp = jlora.adalora_finalize(jlora.combine(adapters, frozen), state)
+  kept = jlora.variants.rank_pattern(lp)
+  assert {m.shape for m in kept.values()} == {(2, 6)}  # per layer
+  want = flax_logits(loaded, lp)
+  out = jlora.peft.save(str(tmp_path / "ada"), lp, module_map=loaded.module_map, adalora_config={"total_step": 12})
+  pm = peft.PeftModel.from_pretrained(torch_model("llama"), out).eval()
+  np.testing.assert_allclose(torch_logits(pm), want, **TOL)
+  back = jlora.peft.load(out, loaded.params, module_map=loaded.module_map, layout=loaded.layout)
+  np.testing.assert_allclose(flax_logits(loaded, back), want, **TOL)
+  for p, m in kept.items():
+    np.testing.assert_array_equal(np.asarray(jlora.variants.rank_pattern(back)[p]), np.asarray(m))

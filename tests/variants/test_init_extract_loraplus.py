@@ -182,7 +182,7 @@ def test_loraplus_matches_peft_create_loraplus_optimizer(tmp_path):
   from peft.optimizers import create_loraplus_optimizer
   from hf_models import IDS, hf_base, lm_loss, torch_model
 
-  loaded, _ = hf_base("llama")
+  loaded, _ = hf_base("llama", native=False)
   cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens"],
                         init_lora_weights="gaussian")
   pm = peft.get_peft_model(torch_model("llama"), cfg)
@@ -191,7 +191,7 @@ def test_loraplus_matches_peft_create_loraplus_optimizer(tmp_path):
       if "lora_B" in n or "lora_embedding_A" in n:
         p.normal_(0, 0.1)
   pm.save_pretrained(str(tmp_path / "init"), save_embedding_layers=False)
-  lp = jlora.peft.load(str(tmp_path / "init"), loaded.params, model_type="llama")
+  lp = jlora.peft.load(str(tmp_path / "init"), loaded.params, module_map=loaded.module_map, layout=loaded.layout)
   # SGD: updates proportional to the gradients, which agree to ~1e-6 between PyTorch and XLA, so
   # the parameters must agree tightly (Adam would amplify the rounding of near-zero gradients).
   lr, ratio, lr_emb = 0.05, 16.0, 0.5
@@ -211,7 +211,7 @@ def test_loraplus_matches_peft_create_loraplus_optimizer(tmp_path):
     u, state = tx.update(grad(adapters), state, adapters)
     adapters = optax.apply_updates(adapters, u)
   pm.eval().save_pretrained(str(tmp_path / "trained"), save_embedding_layers=False)
-  want = jlora._checkpoint.adapter_weights(jlora.peft.load(str(tmp_path / "trained"), loaded.params, model_type="llama"))
+  want = jlora._checkpoint.adapter_weights(jlora.peft.load(str(tmp_path / "trained"), loaded.params, module_map=loaded.module_map, layout=loaded.layout))
   got = jlora._checkpoint.adapter_weights(adapters)
   init = jlora._checkpoint.adapter_weights(lp)
   for p in got:

@@ -1,16 +1,24 @@
 """Text generation with a base model, a base + adapter (unmerged) or a merged model.
 
   jlora-generate --adapter runs/default/adapter --prompt "Reverse the words: a b c"
-  jlora-generate --adapter A1 --adapter A2 --prompt "..."   # one base, adapters swapped
+  jlora-generate --adapter A1 --adapter A2 --prompt P1 --prompt P2   # one base, one batch
 
 The base is loaded once; every adapter is attached to the same base arrays
 (``jlora.load_adapter`` / ``jlora.peft.load``), so switching adapters costs no
-reload. For each prompt the command prints the base model's output, then for
-each adapter the unmerged (low-rank path) and merged (``jlora.merge``) outputs.
-Supported families run on ``jlora.models`` (KV-cache generation). An adapter
-that records its base model's fingerprint is refused on another base
-(``--no-check-base`` overrides); a PEFT adapter that records none is loaded
-with a warning. User errors print one line and exit with status 2.
+reload. On the native decoder (``jlora.models``: Llama, Mistral, Qwen2/3,
+Gemma) the adapters are stacked into one bank (``jlora.stack``) and every
+(prompt, adapter) row, the base's rows included, is generated in ONE batched
+KV-cache generation, each row with its own adapter (``adapter_ids``; the base
+matmuls are shared). For each prompt the command prints the base model's
+output, then for each adapter its unmerged (low-rank path) output and, unless
+``--no-merged``, its merged output (``jlora.merge``: one more generation per
+adapter, a check of the low-rank path; greedy outputs agree). Adapters a bank
+cannot hold (DoRA and other variants) and models on the transformers-Flax
+fallback (GPT-2, ...) are generated one adapter at a time. With
+``--temperature > 0`` a row's sample depends on the batch it is drawn in.
+An adapter that records its base model's fingerprint is refused on another
+base (``--no-check-base`` overrides); a PEFT adapter that records none is
+loaded with a warning. User errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -21,17 +29,95 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 
 import jlora
 
 
 def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
-                  seed: int = 0) -> list[str]:
-  """Text in, text out, for a ``jlora.finetune.model.LoadedModel`` (adapters served unmerged)."""
+                  seed: int = 0, adapter_ids: Sequence[int] | None = None) -> list[str]:
+  """Text in, text out, for a ``jlora.finetune.model.LoadedModel`` (adapters served unmerged).
+
+  Args:
+    loaded: the model (``jlora.finetune.model.load``).
+    params: its base parameters, a LoRA tree, or a bank (``jlora.stack``).
+    prompts: the prompt texts.
+    max_new_tokens, temperature, seed: as ``LoadedModel.generate``.
+    adapter_ids: with a bank, each prompt's slot (``-1``: the base); one batch.
+
+  Returns:
+    The continuation of each prompt.
+
+  Example:
+    >>> import jax, jlora
+    >>> from jlora.finetune import model as model_lib
+    >>> from jlora.finetune.config import DEFAULT_MODEL
+    >>> loaded = model_lib.load(DEFAULT_MODEL)
+    >>> lp = jlora.init(jax.random.key(0), loaded.params, jlora.LoraConfig(
+    ...   rank=2, targets=loaded.resolve_targets("all-linear")), layout=loaded.layout)
+    >>> a, b = generate_text(loaded, jlora.stack([lp]), ["a b", "a b"], max_new_tokens=3, adapter_ids=[0, -1])
+    >>> a == b  # B = 0: the adapter does not change the base's output yet
+    True
+  """
   tok = loaded.tokenizer
   ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-  out = loaded.generate(params, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+  kw = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
+  out = loaded.generate(params, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **kw)
   return [tok.decode(o, skip_special_tokens=True) for o in out]
+
+
+def _bankable(lp: Any) -> bool:
+  """True when a bank can hold the adapter (plain LoRA only: no DoRA or other variant)."""
+  is_lw = lambda x: isinstance(x, jlora.LoraWeight)
+  weights = [w for w in jax.tree.leaves(lp, is_leaf=is_lw) if is_lw(w)]
+  return bool(weights) and all(type(w.spec.variant) is jlora.Variant and w.is_complete for w in weights)
+
+
+def serve(loaded, adapters: Sequence[Any], prompts: Sequence[str], **kw: Any) -> tuple[list[str], list[list[str]]]:
+  """The base's and every adapter's (unmerged) continuations of ``prompts``, batched where possible.
+
+  On the native decoder the adapters a bank can hold are stacked into one
+  bank (``jlora.stack``) and all ``(1 + len(adapters)) × len(prompts)`` rows,
+  the base's (slot ``-1``) included, are generated in one batch; the other
+  adapters (DoRA, ...; every adapter on the transformers-Flax fallback) one
+  at a time.
+
+  Args:
+    loaded: the model (``jlora.finetune.model.load``).
+    adapters: LoRA trees on ``loaded.params``.
+    prompts: the prompt texts.
+    **kw: ``max_new_tokens``, ``temperature``, ``seed`` (see ``generate_text``).
+
+  Returns:
+    ``(base_texts, [texts of adapter i for i in ...])``, each a list over prompts.
+
+  Example:
+    >>> import jax, jlora
+    >>> from jlora.finetune import model as model_lib
+    >>> from jlora.finetune.config import DEFAULT_MODEL
+    >>> loaded = model_lib.load(DEFAULT_MODEL)
+    >>> lp = jlora.init(jax.random.key(0), loaded.params, jlora.LoraConfig(
+    ...   rank=2, targets=loaded.resolve_targets("all-linear")), layout=loaded.layout)
+    >>> base, (texts,) = serve(loaded, [lp], ["a b"], max_new_tokens=3)
+    >>> texts == base  # B = 0: the adapter does not change the base's output yet
+    True
+  """
+  n = len(prompts)
+  slots = [i for i, lp in enumerate(adapters) if loaded.native and _bankable(lp)]
+  texts: list[list[str] | None] = [None] * len(adapters)
+  if slots:
+    bank = jlora.stack([adapters[i] for i in slots])
+    ids = [s for s in range(-1, len(slots)) for _ in range(n)]
+    out = generate_text(loaded, bank, list(prompts) * (len(slots) + 1), adapter_ids=ids, **kw)
+    base = out[:n]
+    for s, i in enumerate(slots):
+      texts[i] = out[(s + 1) * n:(s + 2) * n]
+  else:
+    base = generate_text(loaded, loaded.params, prompts, **kw)
+  for i, lp in enumerate(adapters):
+    if texts[i] is None:
+      texts[i] = generate_text(loaded, lp, prompts, **kw)
+  return base, texts
 
 
 PROG = "jlora-generate"
@@ -111,6 +197,10 @@ def _parser():
   ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                   help="Load the base in bfloat16 (default: as the first jlora adapter was trained, else "
                        "float32). The base fingerprint check needs the dtype the adapter was trained on.")
+  ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=True,
+                  help="Also generate with each adapter merged into the base (one generation per adapter; "
+                       "default: true), a check of the batched low-rank outputs; --no-merged serves only "
+                       "the batch.")
   ap.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
                   help="Refuse an adapter whose recorded base fingerprint is another model's (default: true); "
                        "--no-check-base loads it anyway.")
@@ -160,14 +250,16 @@ def _main(argv: Sequence[str] | None) -> int:
       raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
   kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
 
-  def show(label: str, params: Any) -> None:
-    for prompt, text in zip(args.prompt, generate_text(loaded, params, args.prompt, **kw)):
+  def show(label: str, texts: Sequence[str]) -> None:
+    for prompt, text in zip(args.prompt, texts):
       print(f"[{label}] {prompt!r} -> {text!r}")
 
-  show("base", loaded.params)
-  for path, lp in adapters:
-    show(f"{path} (unmerged)", lp)
-    show(f"{path} (merged)", jlora.merge(lp))
+  base, unmerged = serve(loaded, [lp for _, lp in adapters], args.prompt, **kw)
+  show("base", base)
+  for (path, lp), texts in zip(adapters, unmerged):
+    show(f"{path} (unmerged)", texts)
+    if args.merged:
+      show(f"{path} (merged)", generate_text(loaded, jlora.merge(lp), args.prompt, **kw))
   return 0
 
 

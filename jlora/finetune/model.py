@@ -53,22 +53,36 @@ class LoadedModel:
     return hf_flax.resolve_targets(targets, self.layout)
 
   def generate(self, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-    """Greedy (or sampled) continuations of token-id prompts, EOS excluded; adapters served unmerged."""
+               temperature: float = 0.0, seed: int = 0,
+               adapter_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """Greedy (or sampled) continuations of token-id prompts, EOS excluded; adapters served unmerged.
+
+    ``adapter_ids`` (native models only): with a bank (``jlora.stack``) as
+    ``params``, each prompt's slot (``-1``: the base), all rows generated together.
+    """
     tok = self.tokenizer
     if not self.native:
+      if adapter_ids is not None:
+        raise ValueError(f"adapter_ids: a {self.model_type} model runs on transformers' Flax classes, which "
+                         "serve one adapter at a time; generate with each adapter's tree instead of a bank.")
       return self._generate(params, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if adapter_ids is not None and len(adapter_ids) != len(prompts):
+      raise ValueError(f"adapter_ids: one adapter slot per prompt is needed, got {len(adapter_ids)} for "
+                       f"{len(prompts)} prompts.")
     key = jax.random.key(seed)
     out: list[list[int]] = []
     for start in range(0, len(prompts), GENERATE_BATCH):
       chunk = [list(p) for p in prompts[start:start + GENERATE_BATCH]]
       n = len(chunk)
       filler = [[tok.pad_token_id]] * (-n % 8)  # a few compiled batch sizes only
+      ids = {}
+      if adapter_ids is not None:  # filler rows run the base alone
+        ids = {"adapter_ids": [*map(int, adapter_ids[start:start + GENERATE_BATCH]), *[-1] * len(filler)]}
       key, sub = jax.random.split(key)
       res = jlora.models.generate(self.model, params, chunk + filler, max_new_tokens=max_new_tokens,
                                   temperature=temperature, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                  key=sub)
+                                  key=sub, **ids)
       out.extend(res[:n])
     return out
 

@@ -5,7 +5,9 @@ filtering. Prompts of different lengths are left-padded (default) or
 right-padded; positions and masks follow the real tokens either way. When
 ``params`` holds ``jlora.LoraWeight`` adapters every model call goes through
 ``jlora.wrap`` (the low-rank path; no merge), and any extra keyword arguments
-are passed to every call.
+are passed to every call. With a bank of adapters (``jlora.stack``),
+``adapter_ids`` picks each row's adapter for the whole prompt and every
+generated token: one batched generation serves many adapters.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ def sample_token(logits: jax.Array, key: jax.Array | None, *, temperature: float
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _row_ids(adapter_ids: Any, rows: int, lora: bool) -> jax.Array:
+  """``adapter_ids`` as an int32 ``(rows,)`` array, or a ``ValueError`` saying what to pass."""
+  if not lora:
+    raise ValueError("generate: adapter_ids select adapters of a bank, but params hold no adapters; pass a bank "
+                     "built with jlora.stack([...]) (or jlora.multi.load_bank).")
+  ids = np.asarray(adapter_ids)
+  if ids.shape != (rows,) or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"generate: adapter_ids must be one integer per prompt, shape ({rows},), got "
+                     f"{ids.dtype} of shape {ids.shape}; every generated token of a row uses its prompt's adapter.")
+  return jnp.asarray(ids, jnp.int32)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(model: Decoder, lora: bool, max_new_tokens: int, temperature: float, top_p: float,
               left_padding: bool):
@@ -95,7 +109,8 @@ def _compiled(model: Decoder, lora: bool, max_new_tokens: int, temperature: floa
 def generate(model: Decoder, params: Params, prompts: Sequence[Sequence[int]] | np.ndarray, *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              eos_id: int | Sequence[int] | None = None, pad_id: int = 0, key: jax.Array | None = None,
-             padding: str = "left", length_multiple: int = 8, **apply_kwargs: Any) -> list[list[int]]:
+             padding: str = "left", length_multiple: int = 8, adapter_ids: Sequence[int] | np.ndarray | None = None,
+             **apply_kwargs: Any) -> list[list[int]]:
   """Continues each prompt until an end-of-sequence id or ``max_new_tokens``.
 
   Args:
@@ -111,7 +126,12 @@ def generate(model: Decoder, params: Params, prompts: Sequence[Sequence[int]] | 
     key: PRNG key for sampling (required when ``temperature > 0``).
     padding: ``"left"`` (default) or ``"right"``.
     length_multiple: the padded prompt length is a multiple of this (fewer compilations).
-    **apply_kwargs: passed to every model call (e.g. per-row adapter ids).
+    adapter_ids: with a bank of adapters as ``params`` (``jlora.stack``), the
+      slot of each prompt's adapter, one per prompt (``-1``: the base alone);
+      passed to every model call, prefill and decode alike. Greedy rows are
+      exactly what each adapter generates alone; sampled rows draw from the
+      batch's keys, so they depend on the batch they are in.
+    **apply_kwargs: passed to every model call (e.g. ``lora_rng``).
 
   Returns:
     The generated ids of each prompt (the prompt itself and the end id excluded).
@@ -125,6 +145,16 @@ def generate(model: Decoder, params: Params, prompts: Sequence[Sequence[int]] | 
     >>> out = generate(model, model.init(jax.random.key(0)), [[1, 2, 3], [4]], max_new_tokens=4, eos_id=())
     >>> [len(o) for o in out]
     [4, 4]
+
+    Two adapters and the base in one batch:
+
+    >>> import jlora
+    >>> lps = [jlora.init(jax.random.key(i), model.init(jax.random.key(0)), jlora.LoraConfig(
+    ...   rank=2, targets=model.targets("all-linear")), layout=model.layout) for i in (1, 2)]
+    >>> out = generate(model, jlora.stack(lps), [[1, 2, 3], [4], [5, 6]], max_new_tokens=4, eos_id=(),
+    ...                adapter_ids=[0, 1, -1])
+    >>> [len(o) for o in out]
+    [4, 4, 4]
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
@@ -138,6 +168,9 @@ def generate(model: Decoder, params: Params, prompts: Sequence[Sequence[int]] | 
       list(map(int, p)) for p in prompts]
   if not rows or any(len(r) == 0 for r in rows):
     raise ValueError("generate: every prompt needs at least one token.")
+  lora = _has_adapters(params)
+  if adapter_ids is not None:
+    apply_kwargs["adapter_ids"] = _row_ids(adapter_ids, len(rows), lora)
   if eos_id is None:
     eos = model.config.eos_token_ids
   else:
@@ -150,7 +183,7 @@ def generate(model: Decoder, params: Params, prompts: Sequence[Sequence[int]] | 
     sl = slice(p - len(r), p) if padding == "left" else slice(0, len(r))
     ids[i, sl] = r
     mask[i, sl] = 1
-  fn = _compiled(model, _has_adapters(params), int(max_new_tokens), float(temperature), float(top_p),
+  fn = _compiled(model, lora, int(max_new_tokens), float(temperature), float(top_p),
                  padding == "left")
   eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
   out = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(mask), key if key is not None else jax.random.key(0),

@@ -19,7 +19,6 @@ import pytest
 import jlora
 import jlora.models
 from conftest import IDS
-from families import FAMILIES
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

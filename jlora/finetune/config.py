@@ -41,10 +41,13 @@ _OPTIM = _Section("optimisation")
 _COMPUTE = _Section("compute")
 _OUTPUT = _Section("output and evaluation")
 _MULTI = _Section("multi-host (see docs/scale_out.md)")
+_QLORA = _Section("QLoRA: a 4-bit base (see docs/quant.md)")
 
 _SCHEDULES = ("cosine", "linear", "constant")
 _INITS = ("default", "gaussian")
 _SHARDINGS = ("fsdp", "tp", "fsdp_tp", "replicated")
+_QUANTIZE = ("none", "nf4", "fp4")
+_QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes'
 
 
 @_reject_unknown_kwargs
@@ -114,6 +117,14 @@ class TrainConfig:
                                       "YNNPACK kernels (slower; GPU and TPU unaffected). Takes effect when JAX "
                                       "has not started yet, as in the command.")
 
+  quantize: str = _QLORA("none", "Store the frozen base's linear kernels (not embeddings, norms or lm_head) in "
+                                 "4 bits, bitsandbytes' format: nf4 (QLoRA), fp4, or none. A pre-quantized "
+                                 "*-bnb-4bit --model trains in 4 bits as it is.")
+  double_quant: bool = _QLORA(True, "With --quantize: quantize the block scales too (QLoRA's double "
+                                    "quantization: 4.127 instead of 4.5 bits per weight).")
+  quant_blocksize: int = _QLORA(64, "With --quantize: weights per 4-bit scale block, a power of two in "
+                                    "32..4096 (QLoRA: 64).")
+
   output_dir: str = _OUTPUT("runs/default", "Directory for checkpoints, the adapter (jlora and PEFT format), "
                                             "metrics and the summary.")
   log_every: int = _OUTPUT(10, "Log loss, gradient norm and tokens/s every this many steps.")
@@ -156,6 +167,10 @@ class TrainConfig:
     for name, allowed in (("schedule", _SCHEDULES), ("init", _INITS), ("sharding", _SHARDINGS)):
       if getattr(self, name) not in allowed:
         raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+    if self.quantize not in _QUANTIZE:
+      raise OptionError("quantize", f"must be one of {', '.join(_QUANTIZE)}; got {self.quantize!r}")
+    if self.quant_blocksize not in _QUANT_BLOCKSIZES:
+      raise OptionError("quant_blocksize", f"must be a power of two in 32..4096, got {self.quant_blocksize}")
     if not 0.0 < self.eval_fraction < 1.0:
       raise OptionError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
     if not 0.0 <= self.lora_dropout < 1.0:

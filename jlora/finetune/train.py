@@ -17,9 +17,11 @@ import optax
 
 import jlora
 from jlora import _checkpoint as ck
+from jlora._lazy import is_lazy_node
 from jlora._tree import leaves_with_paths
 from jlora.finetune import data as data_lib
 from jlora.finetune import model as model_lib
+from jlora.finetune import quantize as quantize_lib
 from jlora.finetune import rundir
 from jlora.finetune.checkpoint import START_FRESH, TrainCheckpointer
 from jlora.finetune.cli import UserError
@@ -222,7 +224,7 @@ def _lora_config(cfg: TrainConfig, base_params, layout, loaded: model_lib.Loaded
                                 init=cfg.init, targets=targets, exclude=cfg.exclude or ())
   except ValueError as e:  # jlora's checks of the options (user input)
     raise UserError(f"--targets {cfg.targets!r} on {model_id}: {e}") from None
-  matched = [path for path, _ in leaves_with_paths(base_params) if re.fullmatch(targets, path)]
+  matched = [path for path, _ in leaves_with_paths(base_params, is_leaf=is_lazy_node) if re.fullmatch(targets, path)]
   if matched and cfg.exclude and all(re.fullmatch(cfg.exclude, path) for path in matched):
     raise UserError(f"--exclude {cfg.exclude!r} removes all {len(matched)} parameters --targets {cfg.targets!r} "
                     f"selects (e.g. {matched[0]!r}); narrow --exclude")
@@ -280,6 +282,13 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
   # Native parameters were placed on the mesh while loading; legacy ones are placed now.
   base_params = loaded.params if loaded.native else distributed.place(loaded.params, cfg, mesh)
   layout = loaded.layout
+  # QLoRA (--quantize, or a *-bnb-4bit --model): the linear kernels as 4-bit NF4Weights from here on.
+  base_params, quantization = quantize_lib.quantize_base(cfg, base_params, layout, mesh, model_id=loaded.model_id)
+  loaded.params = base_params  # (no reference to a dense copy is kept)
+  if quantization:
+    say(f"base: linear kernels in 4 bits ({quantization['quant_type']}, blocksize {quantization['blocksize']}, "
+        f"double_quant {str(quantization['double_quant']).lower()}: {quantization['bits_per_parameter']} bits "
+        f"per weight; from {quantization['source']})")
   lora_cfg = _lora_config(cfg, base_params, layout, loaded)
   lora_params = _init_adapters(cfg, base_params, lora_cfg, layout, mesh, loaded.model_id)
   counts = jlora.count(lora_params)
@@ -297,6 +306,8 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
   fp = ck.fingerprint(base_params)
   run_info = {"base_model_dir": os.path.abspath(cfg.model_dir), "lora_config": lora_cfg.to_dict(),
               "train_config": cfg.to_dict()}
+  if quantization:  # how the adapter was trained; the fingerprint is the unquantized base's all the same
+    run_info["base_quantization"] = quantization
   meta = ck.adapter_metadata(adapters, base_model=loaded.model_id, base_fingerprint=fp, extra=run_info)
 
   # Setup succeeded: only now is the output directory touched.
@@ -407,6 +418,8 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
       "numerics": numerics,
       "seconds": time.time() - t_start,
   }
+  if quantization:
+    summary["base_quantization"] = quantization
   if main_process:
     plot_loss(log.read(), os.path.join(out, "loss_curve.png"))
     with open(os.path.join(out, "eval_examples.jsonl"), "w") as f:

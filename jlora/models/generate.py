@@ -20,12 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._lazy import is_lazy_node
 from jlora._weight import LoraWeight
 from jlora.models.decoder import Decoder, Params
 
 
 def _has_adapters(params: Any) -> bool:
-  return any(isinstance(x, LoraWeight) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, LoraWeight)))
+  """Adapters or lazy kernels (a 4-bit ``jlora.NF4Weight`` base): both run through ``jlora.wrap``."""
+  special = lambda x: isinstance(x, LoraWeight) or is_lazy_node(x)
+  return any(special(x) for x in jax.tree.leaves(params, is_leaf=special))
 
 
 def _round_up(n: int, m: int) -> int:

@@ -25,6 +25,8 @@ import numpy as np
 
 from jlora._tree import leaves_with_paths
 from jlora._weight import is_lora_weight
+from jlora.quant._weight import is_nf4
+from jlora.models import _bnb as bnb
 from jlora.models.config import ModelConfig
 from jlora.models.decoder import Decoder, Params, _nest
 from jlora.models.names import Param, param_table
@@ -152,6 +154,7 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
     (True, (2, 8))
   """
   cfg = read_config(directory)
+  bnb.check_config(cfg.to_hf(), directory, CheckpointError)
   model = Decoder(cfg, remat=remat, attention=attention, unroll_layers=unroll_layers)
   dtype = jnp.dtype(dtype)
   table = param_table(cfg)
@@ -159,7 +162,9 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
   needed = {name for p in table for name in p.hf_names(cfg.num_layers)}
   missing = sorted(n for n in needed if n not in readers)
   tied_extra = "lm_head.weight" if cfg.tie_embeddings and "lm_head.weight" in readers else None
-  unexpected = sorted(k for k in readers if k not in needed and k != tied_extra and not k.endswith(_IGNORED_SUFFIXES))
+  quant_state = bnb.quant_entries(readers, needed)  # of bitsandbytes 4-bit weights (*-bnb-4bit checkpoints)
+  unexpected = sorted(k for k in readers if k not in needed and k != tied_extra and k not in quant_state
+                      and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected:
     parts = []
     if missing:
@@ -183,6 +188,10 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
   flat = {}
   for p in table:
     transpose = p.kind == "kernel"
+    q = bnb.read_kernel(readers, p, cfg, dtype, CheckpointError, directory) if transpose and quant_state else None
+    if q is not None:  # stored in 4 bits: an NF4Weight with the checkpoint's bytes, decoded to `dtype`
+      flat[p.path] = bnb.place(q, placement.get(p.path))
+      continue
     if p.stacked:
       host = np.empty(p.shape, dtype)
       for i, name in enumerate(p.hf_names(cfg.num_layers)):
@@ -212,6 +221,9 @@ def _preview(names: list[str], n: int = 8) -> str:
 def to_hf_tensors(model: Decoder, params: Params) -> dict[str, np.ndarray]:
   """``{HF name: array}`` (torch layout, parameter dtype) of a plain parameter tree.
 
+  4-bit kernels (``jlora.NF4Weight``) give bitsandbytes' entries per layer
+  (``weight`` packed, ``weight.absmax``, ..., as transformers saves them).
+
   Example:
     >>> import jax
     >>> from jlora.models import Decoder, ModelConfig
@@ -222,7 +234,7 @@ def to_hf_tensors(model: Decoder, params: Params) -> dict[str, np.ndarray]:
     (64, 32)
   """
   flat = {}
-  for path, leaf in leaves_with_paths(params, is_leaf=is_lora_weight):
+  for path, leaf in leaves_with_paths(params, is_leaf=lambda x: is_lora_weight(x) or is_nf4(x)):
     if is_lora_weight(leaf):
       raise ValueError(f"{path!r} holds an adapter: save jlora.merge(params) (a merged model) instead")
     flat[path] = leaf
@@ -233,6 +245,9 @@ def to_hf_tensors(model: Decoder, params: Params) -> dict[str, np.ndarray]:
     raise ValueError(f"params do not fit this {model.config.model_type} model: missing {missing}, extra {extra}")
   out = {}
   for p in table:
+    if is_nf4(flat[p.path]):
+      out.update(bnb.write_kernel(flat[p.path], p, model.config))
+      continue
     arr = np.asarray(jax.device_get(flat[p.path]))
     if arr.shape != p.shape:
       raise ValueError(f"{p.path!r} has shape {arr.shape}, expected {p.shape}")
@@ -250,7 +265,11 @@ def save(directory: str, model: Decoder, params: Params, *, max_shard_bytes: int
   ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it (bfloat16
   parameters are written as bfloat16); ``load(directory)`` gives back exactly
   ``params``. Parameters must be plain arrays (``jlora.merge`` an adapted tree first)
-  that this process can read in full.
+  that this process can read in full, or 4-bit ``jlora.NF4Weight`` kernels: then
+  the directory is a bitsandbytes ``*-bnb-4bit`` checkpoint (every linear kernel
+  but ``lm_head`` 4-bit, one format; ``quantization_config`` in ``config.json``)
+  that transformers loads with bitsandbytes, and a checkpoint read by ``load``
+  is written back byte for byte.
 
   Args:
     directory: output directory (created).
@@ -274,9 +293,16 @@ def save(directory: str, model: Decoder, params: Params, *, max_shard_bytes: int
   from safetensors.numpy import save_file
 
   tensors = to_hf_tensors(model, params)
-  os.makedirs(directory, exist_ok=True)
+  quantized = {p: x for p, x in leaves_with_paths(params, is_leaf=is_nf4) if is_nf4(x)}
   config = model.config.to_hf() or {}
-  dtypes = {a.dtype.name for a in tensors.values() if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"}
+  if quantized:
+    config["quantization_config"] = bnb.quantization_config(quantized, param_table(model.config),
+                                                            config.get("quantization_config"))
+  else:  # e.g. a merged (dense) model of a 4-bit checkpoint
+    config.pop("quantization_config", None)
+  os.makedirs(directory, exist_ok=True)
+  dense = [a for name, a in tensors.items() if not bnb.is_quant_entry(name, tensors)]
+  dtypes = {a.dtype.name for a in dense if np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"}
   if len(dtypes) == 1:
     config["dtype"] = dtypes.pop()
     if "torch_dtype" in config:

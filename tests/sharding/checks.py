@@ -232,6 +232,50 @@ def check_qlora_sharded_step_matches_single_device(tmp):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 
 
+def check_finetune_qlora_on_mesh(tmp):
+  """--quantize nf4 with a sharding preset: the 4-bit stored arrays are sharded like their kernels;
+  a *-bnb-4bit checkpoint loads straight onto the mesh; a QLoRA run trains there."""
+  import jlora.models
+  from jlora.finetune import TrainConfig, run
+  from jlora.finetune import model as model_lib
+  from jlora.finetune.config import DEFAULT_MODEL
+  from jlora.finetune.quantize import quantize_base
+
+  mesh = jsh.make_mesh("data=2,fsdp=2,tensor=2")
+  cfg = TrainConfig(quantize="nf4", sharding="fsdp_tp", mesh="data=2,fsdp=2,tensor=2")
+  dense = model_lib.load(DEFAULT_MODEL)
+  loaded = model_lib.load(DEFAULT_MODEL, mesh=mesh, sharding="fsdp_tp")
+  qp, _ = quantize_base(cfg, loaded.params, loaded.layout, mesh, model_id="tiny")
+  q = qp["layers"]["self_attn"]["q_proj"]["kernel"]
+  # (layers, in, out) kernel P(None, fsdp, tensor): the (layers, out, in/2) codes are P(None, tensor, fsdp).
+  assert q.kernel_spec() == P(None, "fsdp", "tensor") and q.packed.sharding.spec == P(None, "tensor", "fsdp")
+  assert q.packed.addressable_shards[0].data.shape[1] < q.packed.shape[1]
+  single, _ = quantize_base(cfg, dense.params, dense.layout, None, model_id="tiny")
+  for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(qp), jax.tree_util.tree_leaves_with_path(single)):
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype == np.uint8 and "absmax" not in jax.tree_util.keystr(path):  # the 4-bit codes: identical
+      np.testing.assert_array_equal(x, y)
+    elif x.dtype == np.uint8:  # 8-bit absmax codes: a sharded float32 reduction may move a code by one step
+      assert np.abs(x.astype(int) - y.astype(int)).max() <= 1 and (x != y).mean() < 1e-3
+    else:  # the double quantization's float32 statistics (means, maxima of sharded blocks): within an ulp
+      np.testing.assert_allclose(x, y, rtol=2.4e-7, atol=0)
+  # A *-bnb-4bit directory (written by jlora.models.save) loads onto the mesh with the same placement.
+  d = jlora.models.save(os.path.join(tmp, "bnb"), dense.model, single)
+  _, onto = jlora.models.load(d, mesh=mesh, sharding="fsdp_tp")
+  q2 = onto["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert isinstance(q2, jlora.NF4Weight) and q2.packed.sharding.spec == q.packed.sharding.spec
+  ids = jnp.asarray([[5, 7, 11, 13, 2, 3, 9, 1]] * 2)
+  # The same bytes decoded in the same float32 math, sharded or not (only sums split over devices).
+  np.testing.assert_allclose(np.asarray(jax.jit(jlora.wrap(dense.model))(onto, ids)),
+                             np.asarray(jax.jit(jlora.wrap(dense.model))(single, ids)), rtol=1e-5, atol=1e-5)
+  out = os.path.join(tmp, "run")
+  summary = run(TrainConfig(output_dir=out, quantize="nf4", sharding="fsdp_tp", mesh="data=2,fsdp=2,tensor=2",
+                            remat=True, steps=4, batch_size=4, max_seq_len=24, rank=4, lr=1e-2, warmup_steps=1,
+                            eval_exact_match=-1, eval_every=1000, progress=False, reproducible=False))
+  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+  jlora.load_adapter(os.path.join(out, "adapter"), dense.params)  # onto the dense base, on one device
+
+
 if __name__ == "__main__":
   globals()[f"check_{sys.argv[1]}"](sys.argv[2] if len(sys.argv) > 2 else "/tmp")
   print("OK")

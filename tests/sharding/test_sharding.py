@@ -25,6 +25,7 @@ def run_check(name: str, tmp_path) -> None:
     "checkpoint_onto_other_mesh",
     "native_load_onto_mesh",
     "qlora_sharded_step_matches_single_device",
+    "finetune_qlora_on_mesh",
 ])
 def test_sharding(name, tmp_path):
   run_check(name, tmp_path)

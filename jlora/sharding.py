@@ -279,12 +279,12 @@ def init_sharded(key: jax.Array, base_params: Any, config: Any, mesh: Mesh, *, l
   are (no copy).
   """
   from jlora._init import init
-  from jlora._partition import split
 
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
 
-  def make(k):
-    return split(init(k, shapes, config, layout=layout))[0]
+  def make(k):  # every child but the base (also non-trained ones, e.g. AdaLoRA's rank mask)
+    return jax.tree.map(lambda w: w.replace(w0=None) if is_lora_weight(w) else None,
+                        init(k, shapes, config, layout=layout), is_leaf=is_lora_weight)
 
   abstract = jax.eval_shape(make, key)
   out_specs = lora_specs(abstract, specs_of(base_params), policy)

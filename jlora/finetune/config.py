@@ -44,10 +44,23 @@ _MULTI = _Section("multi-host (see docs/scale_out.md)")
 _QLORA = _Section("QLoRA: a 4-bit base (see docs/quant.md)")
 
 _SCHEDULES = ("cosine", "linear", "constant")
-_INITS = ("default", "gaussian")
 _SHARDINGS = ("fsdp", "tp", "fsdp_tp", "replicated")
 _QUANTIZE = ("none", "nf4", "fp4")
 _QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes'
+
+
+def _init_names() -> tuple[str, ...]:
+  import jlora  # noqa: F401  (its subpackages register their init methods)
+  from jlora import _init
+
+  return tuple(n for n in _init.init_method_names() if n != "adalora")  # AdaLoRA: --adalora-target-rank
+
+
+def _init_known(name: str) -> bool:
+  import jlora  # noqa: F401
+  from jlora import _init
+
+  return name != "adalora" and _init._lookup(name) is not None
 
 
 @_reject_unknown_kwargs
@@ -91,8 +104,21 @@ class TrainConfig:
   rslora: bool = _LORA(False, "rsLoRA scaling alpha/sqrt(rank) instead of alpha/rank.")
   lora_dropout: float = _LORA(0.0, "Dropout on the adapters' input while training, in [0, 1) (PEFT's "
                                    "lora_dropout).")
-  init: str = _LORA("default", "Initialisation: default (PEFT: A kaiming-uniform, B = 0) or gaussian "
-                               "(A ~ N(0, 1/r^2), B = 0).")
+  init: str = _LORA("default", "Initialisation: default (PEFT: A kaiming-uniform, B = 0), gaussian (A ~ "
+                               "N(0, 1/r^2), B = 0), pissa or pissa_niter_K (principal singular vectors, "
+                               "exact or K-iteration randomized SVD), olora (QR) or loftq / loftq_N (NF4 base "
+                               "+ the SVD of its error, N alternations); pissa/olora/loftq train on a "
+                               "modified base and are saved as adapters of the original one.")
+  dora: bool = _LORA(False, "DoRA (PEFT's use_dora): a trained magnitude per output feature times the "
+                            "unit-norm direction of W0 + s*BA.")
+  adalora_target_rank: int = _LORA(0, "AdaLoRA: prune the adapters' singular values to this average rank "
+                                      "(--rank is the initial one); 0 = off.")
+  adalora_tinit: int = _LORA(0, "AdaLoRA: warm-up steps before any pruning (PEFT's tinit).")
+  adalora_tfinal: int = _LORA(0, "AdaLoRA: final steps that train with the rank pattern fixed (PEFT's "
+                                 "tfinal).")
+  adalora_delta_t: int = _LORA(1, "AdaLoRA: steps between two budget updates (PEFT's deltaT).")
+  adalora_orth_reg: float = _LORA(0.5, "AdaLoRA: weight of the orthogonality regulariser of P and Q in the "
+                                       "loss (PEFT's orth_reg_weight).")
 
   lr: float = _OPTIM(4e-3, "Peak learning rate (4e-3 suits the bundled tiny model; real LLMs: about 1e-4 to "
                            "5e-4).")
@@ -105,6 +131,8 @@ class TrainConfig:
                               "grad_accum).")
   steps: int = _OPTIM(0, "Optimizer steps; 0 = derived from epochs.")
   epochs: float = _OPTIM(3.0, "Passes over the training data, used when steps is 0.")
+  loraplus_ratio: float = _OPTIM(0.0, "LoRA+: B (and DoRA's magnitude) learn this many times faster than A "
+                                      "(PEFT suggests 16); 0 = off.")
 
   bf16: bool = _COMPUTE(False, "Compute in bfloat16 and store the frozen base in bfloat16 (adapters stay "
                                "float32).")
@@ -137,6 +165,10 @@ class TrainConfig:
   save_merged: bool = _OUTPUT(False, "Also write the merged model as a Hugging Face directory "
                                      "(output_dir/merged, safetensors loadable by transformers).")
   progress: bool = _OUTPUT(True, "Show a progress bar.")
+  memory_report: bool = _OUTPUT(False, "Before training, print this run's train-step memory by category "
+                                       "(frozen and trained weights, gradients, optimizer state, "
+                                       "activations) for full fine-tuning, LoRA, DoRA and QLoRA, from XLA's "
+                                       "compile-time analysis.")
 
   coordinator: str = _MULTI("", "Coordinator host:port for jax.distributed.initialize, or auto (Cloud TPU, "
                                 "SLURM, MPI, JAX_COORDINATOR_ADDRESS); empty = one process unless the "
@@ -164,7 +196,19 @@ class TrainConfig:
       positive(name, allow_zero=True)
     if self.steps == 0 and self.epochs == 0:
       raise OptionError("steps", "must be > 0 when epochs is 0: set steps or epochs")
-    for name, allowed in (("schedule", _SCHEDULES), ("init", _INITS), ("sharding", _SHARDINGS)):
+    for name in ("adalora_target_rank", "adalora_tinit", "adalora_tfinal", "loraplus_ratio", "adalora_orth_reg"):
+      positive(name, allow_zero=True)
+    positive("adalora_delta_t")
+    if self.adalora_target_rank:
+      if self.adalora_target_rank >= self.rank:
+        raise OptionError("adalora_target_rank", f"must be < rank ({self.rank}), the initial rank that AdaLoRA "
+                                                 f"prunes from; got {self.adalora_target_rank}")
+      if self.dora or self.init not in ("default", "gaussian"):
+        raise OptionError("adalora_target_rank", "AdaLoRA has its own adapters and init: it does not combine "
+                                                 "with --dora or --init " + self.init)
+    if not _init_known(self.init):
+      raise OptionError("init", f"must be one of {', '.join(_init_names())}; got {self.init!r}")
+    for name, allowed in (("schedule", _SCHEDULES), ("sharding", _SHARDINGS)):
       if getattr(self, name) not in allowed:
         raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
     if self.quantize not in _QUANTIZE:

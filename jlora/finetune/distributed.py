@@ -63,14 +63,33 @@ def place(params: Any, cfg: TrainConfig, mesh) -> Any:
   return sharding.put(params, specs, mesh)
 
 
-def init_adapters(key, base_params, lora_cfg: jlora.LoraConfig, layout, mesh):
+def init_adapters(key, base_params, lora_cfg: jlora.LoraConfig, layout, mesh, *, from_values: bool = False):
   """``jlora.init`` as one compiled program (eagerly each factor shape compiles its own random
-  kernel); on a mesh the adapters are created already sharded like their kernels."""
+  kernel); on a mesh the adapters are created already sharded like their kernels.
+
+  ``from_values``: the init reads the base (DoRA's norms, PiSSA's SVD, LoftQ...) and may replace
+  it (a residual or quantized base); it then runs on the base arrays, and on a mesh the factors
+  are placed with the shardings derived from their kernels afterwards.
+  """
   from jlora import sharding
 
+  if from_values:
+    # Eager: kernel by kernel (one XLA:CPU program holding all the kernels' QR decompositions of
+    # OLoRA hung in jax 0.10.2; each init method jits its own decomposition anyway).
+    lp = jlora.init(key, base_params, lora_cfg, layout=layout)
+    adapters, frozen = jlora.split(lp)
+    # Own buffers: the train step donates the adapters, and an init may share arrays between
+    # trained and frozen children (OLoRA's A and its frozen copy A0).
+    adapters = jax.tree.map(lambda x: x.copy(), adapters)
+    if mesh is None:
+      return jlora.combine(adapters, frozen)
+    specs = sharding.lora_specs(adapters, sharding.specs_of(base_params))
+    return jlora.combine(jax.device_put(adapters, sharding.named(specs, mesh)), frozen)
   if mesh is None:
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
-    adapters = jax.jit(lambda k: jlora.split(jlora.init(k, shapes, lora_cfg, layout=layout))[0])(key)
+    strip = lambda w: w.replace(w0=None) if isinstance(w, jlora.LoraWeight) else None  # noqa: E731
+    adapters = jax.jit(lambda k: jax.tree.map(strip, jlora.init(k, shapes, lora_cfg, layout=layout),
+                                              is_leaf=lambda x: isinstance(x, jlora.LoraWeight)))(key)
     return sharding.attach_base(adapters, base_params)
   return sharding.init_sharded(key, base_params, lora_cfg, mesh, layout=layout)
 

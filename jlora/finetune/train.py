@@ -24,6 +24,7 @@ from jlora.finetune import model as model_lib
 from jlora.finetune import quantize as quantize_lib
 from jlora.finetune import rundir
 from jlora.finetune.checkpoint import START_FRESH, TrainCheckpointer
+from jlora.finetune import variants
 from jlora.finetune.cli import UserError
 from jlora.finetune.config import TrainConfig
 from jlora.finetune.metrics import MetricsLog, plot_loss
@@ -46,9 +47,10 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
   return optax.chain(*parts)
 
 
-def token_loss_fn(forward, *, remat: bool):
+def token_loss_fn(forward, *, remat: bool, regularizer=None):
   """Summed token cross-entropy and token count; ``remat`` checkpoints the whole loss (legacy models:
-  the native decoder rematerialises per layer itself)."""
+  the native decoder rematerialises per layer itself). ``regularizer(adapters)`` (AdaLoRA's
+  orthogonality term) is added to the mean token loss."""
   wrapped = jlora.wrap(forward)
 
   def token_loss(adapters, frozen, mb, key):
@@ -57,15 +59,18 @@ def token_loss_fn(forward, *, remat: bool):
     logits = logits[:, :-1].astype(jnp.float32)
     mask = mb["loss_mask"][:, 1:]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["ids"][:, 1:])
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    total = jnp.sum(ce * mask)
+    if regularizer is not None:  # per token, so that the step's mean loss gets it once
+      total = total + regularizer(adapters) * jnp.sum(mask)
+    return total, jnp.sum(mask)
 
   if remat:
     token_loss = jax.checkpoint(token_loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   return token_loss
 
 
-def make_train_step(forward, tx, *, remat: bool, use_dropout: bool):
-  token_loss = token_loss_fn(forward, remat=remat)
+def make_train_step(forward, tx, *, remat: bool, use_dropout: bool, regularizer=None):
+  token_loss = token_loss_fn(forward, remat=remat, regularizer=regularizer)
 
   def step(adapters, opt_state, frozen, batch, key):
     accum = batch["ids"].shape[0]
@@ -136,13 +141,14 @@ def _dir_bytes(path: str) -> int:
   return total
 
 
-def _export_peft(directory: str, lora_params, loaded, base: str, say, *, base_fingerprint: str) -> str | None:
+def _export_peft(directory: str, lora_params, loaded, base: str, say, *, base_fingerprint: str,
+                 **kwargs) -> str | None:
   """The adapter in Hugging Face PEFT format too (for PyTorch PEFT / vLLM), when expressible."""
   from jlora import peft as peft_lib
 
   try:
     return peft_lib.save(directory, lora_params, base_model_name_or_path=base, module_map=loaded.module_map,
-                         base_fingerprint=base_fingerprint)
+                         base_fingerprint=base_fingerprint, **kwargs)
   except (ValueError, peft_lib.PeftFormatError) as e:
     say(f"PEFT export skipped: {e}")
     return None
@@ -221,7 +227,7 @@ def _lora_config(cfg: TrainConfig, base_params, layout, loaded: model_lib.Loaded
   try:
     targets = loaded.resolve_targets(cfg.targets)
     lora_cfg = jlora.LoraConfig(rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, dropout=cfg.lora_dropout,
-                                init=cfg.init, targets=targets, exclude=cfg.exclude or ())
+                                targets=targets, exclude=cfg.exclude or (), **variants.lora_config_kwargs(cfg))
   except ValueError as e:  # jlora's checks of the options (user input)
     raise UserError(f"--targets {cfg.targets!r} on {model_id}: {e}") from None
   matched = [path for path, _ in leaves_with_paths(base_params, is_leaf=is_lazy_node) if re.fullmatch(targets, path)]
@@ -241,7 +247,8 @@ def _init_adapters(cfg: TrainConfig, base_params, lora_cfg, layout, mesh, model_
   from jlora.finetune import distributed
 
   try:
-    return distributed.init_adapters(jax.random.key(cfg.seed), base_params, lora_cfg, layout, mesh)
+    return distributed.init_adapters(jax.random.key(cfg.seed), base_params, lora_cfg, layout, mesh,
+                                     from_values=variants.needs_base_values(lora_cfg))
   except ValueError as e:  # jlora.init's checks of the options against this model (user input)
     raise UserError(f"LoRA options (--targets {cfg.targets!r}, --exclude {cfg.exclude!r}, --rank {cfg.rank}) "
                     f"on {model_id}: {e}") from None
@@ -300,7 +307,12 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
                              seed=cfg.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
   total = cfg.steps or max(1, int(round(cfg.epochs * batches.steps_per_epoch)))
-  tx = jlora.optimizer(make_optimizer(cfg, total), adapters)
+  try:
+    tx = variants.optimizer(cfg, make_optimizer(cfg, total), adapters, total)
+  except ValueError as e:  # AdaLoRA's schedule against this run's length
+    raise UserError(f"--adalora-* options with {total} steps: {e}") from None
+  if cfg.memory_report:
+    say(variants.memory_table(cfg, loaded.forward, base_params, lora_cfg, layout, make_optimizer(cfg, total)))
   opt_state = tx.init(adapters)
   rng = jax.random.key(cfg.seed)
   fp = ck.fingerprint(base_params)
@@ -354,7 +366,7 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
   say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
   step_fn = make_train_step(loaded.forward, tx, remat=cfg.remat and not loaded.native,
-                            use_dropout=cfg.lora_dropout > 0)
+                            use_dropout=cfg.lora_dropout > 0, regularizer=variants.regularizer(cfg))
   state["started"] = True  # from here on a failure keeps the output directory
   log = MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main_process)
   log.truncate_after(start)
@@ -397,12 +409,14 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
     bar.close()
   ckpt.wait()
 
-  lp = jlora.combine(adapters, frozen)
+  # AdaLoRA's final rank pattern; PiSSA/OLoRA/LoftQ adapters as adapters of the original base.
+  trained = variants.finalize(cfg, jlora.combine(adapters, frozen), opt_state)
+  lp = variants.reloadable(trained, base_params)
   adapter_dir = os.path.join(out, "adapter")
   # Orbax writes collectively: every process calls this with the global (sharded) arrays.
   jlora.save_adapter(adapter_dir, lp, base_model=loaded.model_id, base_fingerprint=fp,
                      extra={**run_info, "step": total})
-  after = {"eval_loss": evaluate(adapters, frozen, eval_tok, cfg.batch_size)}
+  after = {"eval_loss": evaluate(*jlora.split(trained), eval_tok, cfg.batch_size)}
   host_lp = distributed.gather(lp)  # collective; what follows is process 0's
   examples = []
   if em_records and main_process:
@@ -426,7 +440,8 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
       for row in examples:
         f.write(json.dumps(row) + "\n")
     summary["peft_dir"] = _export_peft(os.path.join(out, "peft"), host_lp, loaded,
-                                       cfg.model or os.path.abspath(cfg.model_dir), say, base_fingerprint=fp)
+                                       cfg.model or os.path.abspath(cfg.model_dir), say, base_fingerprint=fp,
+                                       **variants.peft_kwargs(cfg, total))
     if cfg.save_merged:
       merged_dir = os.path.join(out, "merged")
       loaded.save_pretrained(merged_dir, jlora.merge(host_lp))  # HF safetensors (+ tokenizer)

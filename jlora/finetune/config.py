@@ -213,6 +213,9 @@ class TrainConfig:
         raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
     if self.quantize not in _QUANTIZE:
       raise OptionError("quantize", f"must be one of {', '.join(_QUANTIZE)}; got {self.quantize!r}")
+    if self.quantize != "none" and self.init.startswith("loftq"):
+      raise OptionError("init", f"{self.init} quantizes the base itself (to NF4, fitting the adapters to the "
+                                "quantization error): drop --quantize")
     if self.quant_blocksize not in _QUANT_BLOCKSIZES:
       raise OptionError("quant_blocksize", f"must be a power of two in 32..4096, got {self.quant_blocksize}")
     if not 0.0 < self.eval_fraction < 1.0:

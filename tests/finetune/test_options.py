@@ -6,6 +6,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 import jlora
 from jlora.finetune import TrainConfig, run
@@ -26,6 +27,7 @@ def _small_eval(tmp_path):
   return str(tmp_path / "eval.jsonl")
 
 
+@pytest.mark.slow  # --remat also runs in tests/finetune/test_quantize_option.py
 def test_bf16_remat_run(tmp_path):
   summary = run(TrainConfig(output_dir=str(tmp_path / "out"), bf16=True, remat=True, lora_dropout=0.1,
                             eval_data=_small_eval(tmp_path), save_merged=True, **QUICK))
@@ -65,6 +67,7 @@ def test_chat_template(tmp_path):
   assert mask[-1] == 1 and ids[-1] == tok.eos_token_id
 
 
+@pytest.mark.slow  # the command is covered by tests/multi/test_serve.py and tests/finetune/test_cli.py
 def test_generate_cli(tmp_path, capsys):
   from jlora.generate import main
 

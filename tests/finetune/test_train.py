@@ -79,6 +79,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == 40
 
 
+@pytest.mark.slow  # resume itself is covered by the SIGKILL test
 def test_sigterm_checkpoints_then_resumes(reference, tmp_path):
   out = tmp_path / "preempted"
   proc = subprocess.Popen(_cmd(out, 40), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

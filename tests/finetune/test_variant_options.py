@@ -21,8 +21,9 @@ SHORT = dict(steps=10, batch_size=8, max_seq_len=32, rank=4, warmup_steps=2, lr=
 IDS = jnp.asarray([[5, 9, 13, 200, 31, 7, 64, 3]])
 
 CASES = {  # one run per family of code path (each run compiles its own step: ~20 s)
-    "dora+loraplus": (dict(dora=True, loraplus_ratio=16.0), "dora"),
-    "olora": (dict(init="olora"), "lora"),  # residual base; saved as a rank-2r LoRA of the original base
+    "dora": (dict(dora=True), "dora"),
+    "pissa+loraplus": (dict(init="pissa", loraplus_ratio=16.0), "lora"),  # residual base: saved as a
+    "olora": (dict(init="olora"), "lora"),                                # rank-2r LoRA of the original base
     "loftq": (dict(init="loftq"), "lora"),  # 4-bit residual base while training; saved likewise
     "adalora": (dict(rank=6, adalora_target_rank=2, adalora_tinit=2, adalora_tfinal=2, adalora_delta_t=2),
                 "adalora"),

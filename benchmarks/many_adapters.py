@@ -53,7 +53,11 @@ def flax_llama(tmp):
   for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     with open(os.path.join(tok, f)) as src, open(os.path.join(d, f), "w") as dst:
       dst.write(src.read())
-  return model_lib.load(d), d
+  # transformers' Flax Llama (this benchmark drives its KV cache); jlora.models' own generation
+  # is measured by examples/serve_many.py
+  from jlora.finetune import hf_flax
+
+  return hf_flax.load(d, bf16=False, remat=False, tokenizer=model_lib.load_tokenizer(d), model_id=d), d
 
 
 def make_adapters(params, n):

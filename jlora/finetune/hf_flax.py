@@ -9,7 +9,9 @@ the supported families never come here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -141,20 +143,66 @@ def load(model_dir: str, *, bf16: bool, remat: bool, tokenizer: Any, model_id: s
     raise FileNotFoundError(f"{model_dir!r} holds no flax_model.msgpack, model.safetensors or pytorch_model.bin")
   kwargs = {"dtype": jnp.bfloat16} if bf16 else {}
   try:
-    if from_pt:  # the PyTorch -> Flax conversion needs an initialised model; keep only its weights
-      converted = auto.from_pretrained(model_dir, from_pt=True, **kwargs)
-      params = converted.params
-      model = type(converted)(converted.config, _do_init=False, **kwargs)
-      del converted
-    else:
-      model, params = auto.from_pretrained(model_dir, _do_init=False, **kwargs)
+    with _newly_initialised() as fresh:
+      model, params = _from_pretrained(auto, model_dir, from_pt, kwargs)
   except ValueError as e:
     if "Unrecognized configuration class" not in str(e):
       raise
     raise ValueError(f"--model {model_dir!r}: model_type {model_type!r} is supported neither natively "
                      f"({', '.join(jlora.models.SUPPORTED_MODEL_TYPES)}) nor by a transformers Flax class.") from None
+  if fresh:  # transformers initialised these at random (and would only have warned)
+    raise MissingWeightsError(
+        f"--model {model_dir!r}: the checkpoint lacks {', '.join(fresh[:5])}"
+        + (f" and {len(fresh) - 5} more" if len(fresh) > 5 else "")
+        + f"; transformers would initialise them at random. Give a complete {model_type} checkpoint.")
   if bf16:
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  return _finish(model, params, tokenizer, model_id, model_type)
+
+
+class MissingWeightsError(ValueError):
+  """A base checkpoint without some of the model's weights (never trained on silently)."""
+
+
+@contextlib.contextmanager
+def _newly_initialised():
+  """Collects the parameters transformers reports as "newly initialized" while loading."""
+  from transformers.utils import logging as hf_logging
+
+  found: list[str] = []
+
+  class Catch(logging.Handler):
+    def emit(self, record):
+      msg = record.getMessage()
+      if "newly initialized" in msg:  # "... newly initialized: {('transformer', 'h', '0', ...), ...}"
+        for names in re.findall(r"\(([^()]*)\)", msg.split("newly initialized", 1)[1]):
+          found.append("/".join(x.strip(" '\"") for x in names.split(",")))
+
+  level = hf_logging.get_verbosity()
+  handler = Catch(logging.WARNING)
+  root = logging.getLogger("transformers")
+  root.addHandler(handler)
+  hf_logging.disable_default_handler()  # caught here, not printed
+  hf_logging.set_verbosity_warning()
+  try:
+    yield found
+  finally:
+    root.removeHandler(handler)
+    hf_logging.set_verbosity(level)
+    hf_logging.enable_default_handler()
+
+
+def _from_pretrained(auto, model_dir, from_pt, kwargs):
+  if from_pt:  # the PyTorch -> Flax conversion needs an initialised model; keep only its weights
+    converted = auto.from_pretrained(model_dir, from_pt=True, **kwargs)
+    model = type(converted)(converted.config, _do_init=False, **kwargs)
+    return model, converted.params
+  return auto.from_pretrained(model_dir, _do_init=False, **kwargs)
+
+
+def _finish(model, params, tokenizer, model_id: str, model_type: str):
+  """The ``LoadedModel`` of a transformers Flax model and its parameters."""
+  from jlora.finetune.model import LoadedModel
 
   def forward(p, ids, attention_mask, segment_ids=None):
     del segment_ids  # transformers' Flax models cannot separate packed examples

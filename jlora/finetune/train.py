@@ -24,7 +24,7 @@ from jlora.finetune import model as model_lib
 from jlora.finetune import quantize as quantize_lib
 from jlora.finetune import rundir
 from jlora.finetune.checkpoint import START_FRESH, TrainCheckpointer
-from jlora.finetune import variants
+from jlora.finetune import hf_flax, variants
 from jlora.finetune.cli import UserError
 from jlora.finetune.config import TrainConfig
 from jlora.finetune.metrics import MetricsLog, plot_loss
@@ -213,6 +213,8 @@ def _load_model(cfg: TrainConfig, mesh=None) -> model_lib.LoadedModel:
                           model_id=cfg.model or "jlora/tiny-base (bundled)", mesh=mesh, sharding=cfg.sharding)
   except FileNotFoundError as e:  # the loader's "no weights" (or a tokenizer file missing)
     raise UserError(f"{where}: {e}") from None
+  except (jlora.models.CheckpointError, hf_flax.MissingWeightsError) as e:  # weights missing: never train on
+    raise UserError(str(e) if str(e).startswith("--model") else f"{where}: {e}") from None
 
 
 def _module_names(layout) -> list[str]:

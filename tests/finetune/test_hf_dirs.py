@@ -86,3 +86,24 @@ def test_finetune_on_local_hf_checkpoint(tmp_path, arch, fmt):
   texts = [generate_text(loaded, p, ["Reverse the words: a b c"], max_new_tokens=3)
            for p in (loaded.params, lp, jlora.merge(lp))]
   assert texts[1] == texts[2]
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(tmp_path):
+  """transformers would initialise a missing weight at random and only warn: the command refuses."""
+  import torch  # noqa: F401
+  import transformers
+  from safetensors.torch import load_file, save_file
+
+  from jlora.finetune import train as train_lib
+  from jlora.finetune.cli import UserError
+
+  d = tmp_path / "gpt2"
+  cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=97, n_positions=16)
+  transformers.GPT2LMHeadModel(cfg).save_pretrained(str(d), safe_serialization=True)
+  sd = load_file(str(d / "model.safetensors"))
+  sd.pop("transformer.h.0.mlp.c_fc.weight")
+  save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+  for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(os.path.join(DEFAULT_MODEL, f), str(d / f))
+  with pytest.raises(UserError, match=r"lacks transformer/h/0/mlp/c_fc/kernel; transformers would initialise"):
+    train_lib._load_model(TrainConfig(model=str(d), output_dir=str(tmp_path / "out")))

@@ -64,6 +64,7 @@ def test_lora_matches_dense_oracle_and_zero_b_is_the_base(family):
   assert _rel_err(got, f.forward(jlora.merge(lp), jnp.asarray(IDS))) < 1e-4
 
 
+@pytest.mark.slow  # remat="full" also runs in the command's tests (--remat)
 def test_remat_policies_give_the_same_gradients(family):
   f = family("llama2")
   lp = lora_init(f, jlora.LoraConfig(rank=4, targets=f.model.targets("all-linear")), scale=0.1)

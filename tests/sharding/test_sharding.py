@@ -25,7 +25,7 @@ def run_check(name: str, tmp_path) -> None:
     "checkpoint_onto_other_mesh",
     "native_load_onto_mesh",
     "qlora_sharded_step_matches_single_device",
-    "finetune_qlora_on_mesh",
+    pytest.param("finetune_qlora_on_mesh", marks=pytest.mark.slow),  # the QLoRA step on a mesh is checked above
 ])
 def test_sharding(name, tmp_path):
   run_check(name, tmp_path)

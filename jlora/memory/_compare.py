@@ -41,12 +41,9 @@ def _dora(config, **ctx):
 
 
 def _qlora(config, *, layout=None, quantize_targets=None, **ctx):
-  """4-bit NF4 base (``jlora.quantize``, from the QLoRA subpackage) with LoRA on top."""
-  import jlora
+  """4-bit NF4 base (``jlora.quantize``) with LoRA on top."""
+  from jlora.quant import quantize
 
-  quantize = getattr(jlora, "quantize", None)
-  if quantize is None:
-    raise NotImplementedError("QLoRA needs jlora.quantize (jlora.quant), which this installation lacks")
   targets = quantize_targets if quantize_targets is not None else tuple(r.pattern for r in config.targets)
   return {"config": config, "prepare": lambda p: quantize(p, targets=targets, layout=layout)}
 

@@ -170,8 +170,9 @@ def quiet_abandoned_reads() -> None:
 
   A failed restore (a truncated array file) abandons its other reads: their
   completion callbacks hit a closed asyncio loop (printed as "Exception
-  ignored" tracebacks) and their tasks die unobserved (logged by asyncio as
-  "Task exception was never retrieved" with a traceback). Nothing is wrong by
+  ignored" tracebacks) and their tasks and futures die unobserved (logged by
+  asyncio as "Task exception was never retrieved" or "Future exception was
+  never retrieved", with a traceback). Nothing is wrong by
   then, and the noise would bury the one line that says what is. Only those
   two kinds of message are dropped; installed once per process.
 
@@ -201,7 +202,8 @@ class _AbandonedTensorStoreRead:
 
   def filter(self, record) -> bool:
     e = record.exc_info[1] if record.exc_info else None
-    return not (str(record.msg).startswith("Task exception was never retrieved")
+    return not (str(record.msg).startswith(("Task exception was never retrieved",
+                                            "Future exception was never retrieved"))
                 and isinstance(e, ValueError) and "tensorstore_spec" in str(e))
 
 

@@ -163,3 +163,19 @@ def test_print_config_is_the_documented_config_file(tmp_path):
   assert load_config_file(str(custom))["rank"] == 4
   assert parse_args(["--config", str(custom)])[0] == TrainConfig(rank=4, lr=1e-3, targets="q_proj,v_proj",
                                                                  bf16=True)
+
+
+@pytest.mark.parametrize("kind", ["Task", "Future"])
+def test_abandoned_tensorstore_reads_are_not_logged(kind):
+  """The noise a failed Orbax restore leaves behind is dropped; other asyncio errors are not."""
+  import logging
+
+  keep = cli._AbandonedTensorStoreRead()
+
+  def record(msg, exc):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, (type(exc), exc, None))
+
+  abandoned = ValueError('OUT_OF_RANGE: Error opening "zarr" driver [tensorstore_spec=\'{}\']')
+  assert not keep.filter(record(f"{kind} exception was never retrieved\nfuture: <...>", abandoned))
+  assert keep.filter(record(f"{kind} exception was never retrieved", ValueError("a real bug")))
+  assert keep.filter(record("something else", abandoned))

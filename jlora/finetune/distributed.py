@@ -94,6 +94,27 @@ def init_adapters(key, base_params, lora_cfg: jlora.LoraConfig, layout, mesh, *,
   return sharding.init_sharded(key, base_params, lora_cfg, mesh, layout=layout)
 
 
+def pinned(tree: Any, mesh) -> tuple[Any, Any]:
+  """``(tree, shardings)``: every array of ``tree`` on ``mesh`` (those not yet on it replicated).
+
+  The train step returns its adapters and optimizer state with exactly these shardings, so
+  that its second call (and the evaluation after training) reuses the first compilation;
+  left to the compiler, the outputs' shardings drift from the inputs' (an optimizer's
+  step count starts on one device) and every drift is another compilation of the step.
+  Without a mesh: ``(tree, None)``.
+  """
+  if mesh is None:
+    return tree, None
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def own(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, NamedSharding) and s.mesh == mesh else NamedSharding(mesh, PartitionSpec())
+
+  shardings = jax.tree.map(own, tree)
+  return jax.device_put(tree, shardings), shardings
+
+
 def global_batch(local: dict, mesh) -> dict:
   """This process's rows of the batch -> one global array sharded over the data axes."""
   if mesh is None:

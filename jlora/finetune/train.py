@@ -69,7 +69,8 @@ def token_loss_fn(forward, *, remat: bool, regularizer=None):
   return token_loss
 
 
-def make_train_step(forward, tx, *, remat: bool, use_dropout: bool, regularizer=None):
+def make_train_step(forward, tx, *, remat: bool, use_dropout: bool, regularizer=None, shardings=None):
+  """The jitted train step; ``shardings``: those of ``(adapters, opt_state)``, kept by its outputs."""
   token_loss = token_loss_fn(forward, remat=remat, regularizer=regularizer)
 
   def step(adapters, opt_state, frozen, batch, key):
@@ -89,7 +90,10 @@ def make_train_step(forward, tx, *, remat: bool, use_dropout: bool, regularizer=
     updates, opt_state = tx.update(g, opt_state, adapters)
     return optax.apply_updates(adapters, updates), opt_state, loss_sum / n, optax.tree.norm(g)
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  if shardings is None:
+    return jax.jit(step, donate_argnums=(0, 1))
+  replicated = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, replicated, replicated))
 
 
 def make_eval(forward):
@@ -347,6 +351,7 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
                         f"--steps/--epochs it was started with, or {START_FRESH}")
       say(f"resumed from {ckpt.directory}/{start} (step {start} of {total})")
 
+  (adapters, opt_state), shardings = distributed.pinned((adapters, opt_state), mesh)
   evaluate = make_eval(loaded.forward)
   n_em = len(eval_records) if cfg.eval_exact_match == 0 else max(cfg.eval_exact_match, 0)
   em_records = eval_records[:n_em]
@@ -368,7 +373,8 @@ def _run(cfg: TrainConfig, out: str, *, resume: bool, overwrite: bool, state: di
   say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
   step_fn = make_train_step(loaded.forward, tx, remat=cfg.remat and not loaded.native,
-                            use_dropout=cfg.lora_dropout > 0, regularizer=variants.regularizer(cfg))
+                            use_dropout=cfg.lora_dropout > 0, regularizer=variants.regularizer(cfg),
+                            shardings=shardings)
   state["started"] = True  # from here on a failure keeps the output directory
   log = MetricsLog(os.path.join(out, "metrics.jsonl"), enabled=main_process)
   log.truncate_after(start)

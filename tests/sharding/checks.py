@@ -1,6 +1,9 @@
 """Sharding checks run in a subprocess with 8 fake CPU devices (see test_sharding.py).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding/checks.py NAME [TMPDIR]
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding/checks.py TMPDIR NAME...
+
+Each check runs in turn (one process: one start-up, shared compilations); each prints
+"NAME OK" or "NAME FAILED" and its traceback, and the exit status is 1 if any failed.
 """
 
 from __future__ import annotations
@@ -277,5 +280,17 @@ def check_finetune_qlora_on_mesh(tmp):
 
 
 if __name__ == "__main__":
-  globals()[f"check_{sys.argv[1]}"](sys.argv[2] if len(sys.argv) > 2 else "/tmp")
-  print("OK")
+  import traceback
+
+  failed = False
+  for name in sys.argv[2:]:
+    tmp = os.path.join(sys.argv[1], name)
+    os.makedirs(tmp, exist_ok=True)
+    try:
+      globals()[f"check_{name}"](tmp)
+    except Exception:
+      failed = True
+      print(f"{name} FAILED\n{traceback.format_exc()}", flush=True)
+    else:
+      print(f"{name} OK", flush=True)
+  sys.exit(1 if failed else 0)

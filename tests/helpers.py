@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jlora
+
+
+def cpu_devices_env(devices: int) -> dict:
+  """The environment for a subprocess with ``devices`` fake CPU devices (other XLA flags kept)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count=")]
+  return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+          "JAX_PLATFORMS": "cpu"}
 
 
 def randomize(lora_params, key, *, scale: float = 0.5):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+from helpers import cpu_devices_env
 
 import jlora
 from jlora.finetune import model as model_lib
@@ -25,7 +26,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  return cpu_devices_env(devices)
 
 
 def test_two_processes_match_one(tmp_path):

@@ -6,18 +6,11 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
-# XLA:CPU's LLVM code generation at -O0: the suite's programs are tiny, so compiling them costs
-# far more than running them (the fine-tuning step of the short runs: 5.4 s at the default
-# level, 2.0 s at 0). Only code generation changes, not the HLO passes (fusion, buffer
-# assignment), so memory and cost analyses are the same; results are checked with tolerances
-# that hold at any level. Benchmarks and the commands users run keep the default.
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
 _made_cache: str | None = None
 
 
 def pytest_configure(config):
-  """Fast compilation (see ``_FAST_COMPILE``) and one persistent XLA compilation cache for the
-  session: its processes and their subprocesses.
+  """One persistent XLA compilation cache for the session: its processes and their subprocesses.
 
   Many tests run the same small programs (the fine-tuning command on the same short run, the
   same tiny models); the second compilation of an identical program is read from the cache.
@@ -28,9 +21,6 @@ def pytest_configure(config):
   global _made_cache
   if hasattr(config, "workerinput"):
     return
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  if not any(f.startswith("--xla_backend_optimization_level=") for f in flags):
-    os.environ["XLA_FLAGS"] = " ".join([*flags, _FAST_COMPILE])
   if os.environ.get(_CACHE_ENV):
     return
   _made_cache = tempfile.mkdtemp(prefix="jlora-test-xla-cache-")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from helpers import command_env
+
 # 4 steps of batch 4 x 32 tokens, rank 2, checkpoints at steps 2 and 4, no generation.
 SHORT = ["--steps", "4", "--save-every", "2", "--batch-size", "4", "--max-seq-len", "32", "--rank", "2",
          "--log-every", "1", "--eval-every", "1000", "--eval-exact-match", "-1", "--no-progress"]
@@ -13,13 +15,13 @@ SHORT = ["--steps", "4", "--save-every", "2", "--batch-size", "4", "--max-seq-le
 def finetune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
   """``python -m jlora.finetune ARGS`` in a subprocess, as a user runs it."""
   return subprocess.run([sys.executable, "-m", "jlora.finetune", *args], capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=timeout, env=command_env())
 
 
 def generate(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
   """``python -m jlora.generate ARGS`` in a subprocess."""
   return subprocess.run([sys.executable, "-m", "jlora.generate", *args], capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=timeout, env=command_env())
 
 
 def assert_user_error(res: subprocess.CompletedProcess, prog: str, *fragments: str) -> str:

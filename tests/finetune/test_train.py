@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import command_env
 
 import jlora
 from jlora.finetune import model as model_lib
@@ -58,19 +59,19 @@ def _wait_for_checkpoint(out, proc, min_step, timeout=240):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   out = tmp_path_factory.mktemp("uninterrupted")
-  subprocess.run(_cmd(out, 40), check=True, capture_output=True)
+  subprocess.run(_cmd(out, 40), check=True, capture_output=True, env=command_env())
   return out
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
   out = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(out, 40), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(_cmd(out, 40), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=command_env())
   seen = _wait_for_checkpoint(out, proc, 8)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL
   assert seen < 40 and not (out / "adapter").exists(), "the run finished before it was killed"
-  res = subprocess.run(_cmd(out, 40), capture_output=True, text=True)
+  res = subprocess.run(_cmd(out, 40), capture_output=True, text=True, env=command_env())
   assert res.returncode == 0, res.stdout + res.stderr
   assert "resumed from" in res.stdout
   _assert_same_adapter(out / "adapter", reference / "adapter")
@@ -82,7 +83,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
 @pytest.mark.slow  # resume itself is covered by the SIGKILL test
 def test_sigterm_checkpoints_then_resumes(reference, tmp_path):
   out = tmp_path / "preempted"
-  proc = subprocess.Popen(_cmd(out, 40), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(_cmd(out, 40), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=command_env())
   _wait_for_checkpoint(out, proc, 4)
   proc.send_signal(signal.SIGTERM)
   stdout = proc.communicate(timeout=120)[0].decode()
@@ -90,7 +91,7 @@ def test_sigterm_checkpoints_then_resumes(reference, tmp_path):
   assert "SIGTERM: saved checkpoint at step" in stdout
   stopped = int(stdout.split("SIGTERM: saved checkpoint at step ")[1].split(";")[0])
   assert (out / "checkpoints" / str(stopped) / "commit_success.txt").exists()
-  res = subprocess.run(_cmd(out, 40), capture_output=True, text=True)
+  res = subprocess.run(_cmd(out, 40), capture_output=True, text=True, env=command_env())
   assert res.returncode == 0, res.stdout + res.stderr
   assert f"resumed from {out / 'checkpoints'}/{stopped}" in res.stdout
   _assert_same_adapter(out / "adapter", reference / "adapter")
@@ -114,7 +115,8 @@ def test_checkpoint_metadata_and_other_base_is_refused(reference, tmp_path):
   shutil.copytree(DEFAULT_MODEL, other_dir)
   loaded = model_lib.load(str(other_dir))
   model_lib.save_pretrained(loaded, str(other_dir), jax.tree.map(lambda x: x * 1.01, loaded.params))
-  res = subprocess.run([*_cmd(moved, 44), "--model", str(other_dir)], capture_output=True, text=True)
+  res = subprocess.run([*_cmd(moved, 44), "--model", str(other_dir)], capture_output=True, text=True,
+                       env=command_env())
   assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
   assert res.stderr.startswith("jlora-finetune: error: checkpoint ") and "fingerprint" in res.stderr
   assert "--model this run was started with" in res.stderr and "--overwrite" in res.stderr

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import command_env
 
 import jlora
 from jlora.memory import _gpt
@@ -95,13 +96,13 @@ def test_gpt3_175b_counts_of_the_lora_paper():
 def test_command_line(tmp_path):
   cmd = [sys.executable, "-m", "jlora.memory", "--model", "gpt-tiny", "--seq", "8", "--methods", "lora,qlora",
          "--plot", str(tmp_path / "m.png"), "--json", str(tmp_path / "m.json")]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=command_env())
   assert out.returncode == 0, out.stderr
   assert "total (XLA peak estimate)" in out.stdout and (tmp_path / "m.png").stat().st_size > 1000
   data = json.load(open(tmp_path / "m.json"))
   assert [r["method"] for r in data["reports"]][:1] == ["lora"]
   assert all(r["total"] == r["xla_total"] for r in data["reports"])
   bad = subprocess.run([sys.executable, "-m", "jlora.memory", "--model", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=command_env())
   assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --model") and "Traceback" not in bad.stderr
   assert len(bad.stderr.strip().splitlines()) == 1

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from helpers import cpu_devices_env
+from helpers import command_env
 
 import jlora
 from jlora.finetune import model as model_lib
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return cpu_devices_env(devices)
+  return command_env(devices)
 
 
 def test_two_processes_match_one(tmp_path):

@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from helpers import cpu_devices_env
+from helpers import command_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_checks(names: list[str], tmp_path) -> None:
   """Runs the named checks of checks.py in one subprocess; fails naming each failed check."""
-  env = cpu_devices_env(8)
+  env = command_env(8)
   res = subprocess.run([sys.executable, os.path.join(HERE, "checks.py"), str(tmp_path), *names],
                        capture_output=True, text=True, env=env, timeout=900)
   ok = [n for n in names if f"{n} OK" in res.stdout.splitlines()]

@@ -235,6 +235,33 @@ def check_qlora_sharded_step_matches_single_device(tmp):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 
 
+def check_finetune_step_compiles_once(tmp):
+  """On a mesh the fine-tuning step and the evaluation compile once each: the step's outputs keep
+  the shardings of its inputs (they used to drift, and every drift recompiled the step)."""
+  import logging
+
+  from jlora.finetune import TrainConfig, run
+
+  compiled = []
+
+  class Compiles(logging.Handler):
+    def emit(self, record):
+      compiled.append(record.getMessage().split(" with ")[0])
+
+  handler = Compiles()
+  logging.getLogger("jax").addHandler(handler)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    run(TrainConfig(output_dir=os.path.join(tmp, "run"), sharding="fsdp", steps=3, save_every=2, batch_size=8,
+                    max_seq_len=24, rank=2, log_every=1, eval_every=1000, eval_exact_match=-1, progress=False,
+                    reproducible=False))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logging.getLogger("jax").removeHandler(handler)
+  assert compiled.count("Compiling jit(step)") == 1, compiled
+  assert compiled.count("Compiling jit(eval_batch)") == 1, compiled  # before and after training
+
+
 def check_finetune_qlora_on_mesh(tmp):
   """--quantize nf4 with a sharding preset: the 4-bit stored arrays are sharded like their kernels;
   a *-bnb-4bit checkpoint loads straight onto the mesh; a QLoRA run trains there."""

@@ -35,8 +35,10 @@ def base():
   return model_lib.load(DEFAULT_MODEL)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "olora" else c for c in CASES])
-# (olora: the same residual path as pissa; its init is checked against PEFT in tests/variants)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("olora", "dora") else c
+                                  for c in CASES])
+# (slow: olora takes the same residual path as pissa, its init checked against PEFT in tests/variants;
+# dora is one LoraConfig flag here, its training, merge and PEFT format checked in tests/variants)
 def test_option_learns_saves_reloads_and_exports(case, base, small_eval, tmp_path):
   options, variant = CASES[case]
   out = str(tmp_path / case)

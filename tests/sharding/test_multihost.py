@@ -25,17 +25,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
-  return command_env(devices)
-
-
 def test_two_processes_match_one(tmp_path):
   with open(os.path.join(os.path.dirname(DEFAULT_MODEL), "data", "reverse_words.eval.jsonl")) as f:
     (tmp_path / "eval.jsonl").write_text("".join(f.readlines()[:16]))
   ARGS.extend(["--eval-data", str(tmp_path / "eval.jsonl")])
   single = tmp_path / "single"
   res = subprocess.run([sys.executable, "-m", "jlora.finetune", "--output-dir", str(single), *ARGS],
-                       capture_output=True, text=True, env=_env(4), timeout=600)
+                       capture_output=True, text=True, env=command_env(4), timeout=600)
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
   multi = tmp_path / "multi"
@@ -43,7 +39,7 @@ def test_two_processes_match_one(tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, "-m", "jlora.finetune", "--output-dir", str(multi), *ARGS,
        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(2)) for i in range(2)]
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=command_env(2)) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]

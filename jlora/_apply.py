@@ -99,9 +99,10 @@ def wrap(
     fused_expansion: how the low-rank term of a matmul is lowered. ``None``
       (default): on the CPU backend, under a custom VJP that saves no layer
       input it can rebuild from values the model's own backward pass keeps
-      anyway, redraws dropout masks from their key instead of saving them and
-      materialises each adapted layer's output once (docs/design.md, "The
-      train step at the floor"); plain autodiff on other backends. ``True``:
+      anyway, redraws dropout masks from their key instead of saving them,
+      materialises each adapted layer's output once and serves layers that
+      read one input (q/k/v, gate/up) with one ``x·A`` matmul (docs/design.md,
+      "The train step at the floor"); plain autodiff on other backends. ``True``:
       that custom VJP on any backend, with the rank-r expansions ``t·B`` /
       ``dt·Aᵀ`` emitted as fused multiply-adds (ranks <= 16). ``False``: plain
       autodiff. Forward-mode AD (``jax.jvp``) does not pass a custom VJP: set

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jlora._lowrank import RANK, Label, Letters, LowRank, Unsupported, new_label, prov
@@ -87,7 +88,7 @@ def contract(a, a_labels, b, b_labels, out_labels, *, precision=None):
   out = lax.dot_general(a, b, dn, precision=precision)
   got = batch + [l for l in la if l not in lb] + [l for l in lb if l not in la]
   perm = [got.index(l) for l in lo]
-  return out if perm == list(range(len(perm))) else jnp.transpose(out, perm)
+  return out if perm == list(range(len(perm))) else lax.transpose(out, perm)
 
 
 def _expand(t, t_labels, f, f_labels, out_labels, fused: bool, precision=None):
@@ -109,7 +110,7 @@ def _lowrank_term(x, f1, f2, *, scale, labels, precision, fused):
   """``scale · einsum(einsum(x, f1), f2)`` with labels ``(x, f1, f2, t, out)``."""
   xl, l1, l2, tl, ol = labels
   t = contract(x, xl, f1, l1, tl, precision=precision)
-  t = t * jnp.asarray(scale, t.dtype)
+  t = _scaled(t, scale)
   return _expand(t, tl, f2, l2, ol, fused, precision), t
 
 
@@ -124,6 +125,7 @@ class _Term:
   rate: float  # LoRA dropout rate (0: none)
   dtype: Any  # the factors' dtype: the input is cast to it
   rebuild: Any  # Callable[[roots], x] or None: x is saved instead
+  out_dtype: Any = None  # the term is cast to it (None: the factors' dtype)
 
 
 def _keep_mask(st: _Term, key_data, shape, dep=None):
@@ -140,30 +142,51 @@ def _after(dt):
   were saved. A data dependency on the backward pass's ``dt`` cannot be removed
   (``0·v`` is not folded for floats).
   """
-  return jnp.ravel(dt)[0].astype(jnp.float32) * 0.0
+  return lax.mul(_cast(_first(dt), jnp.float32), np.float32(0.0))
 
 
 def _plus(x, z):
-  return x + z.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return lax.add(x, _cast(z, x.dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def _prep(st: _Term, x, keep):
   if keep is not None:
     x = jnp.where(keep, x / (1.0 - st.rate), jnp.zeros_like(x))
-  return x.astype(st.dtype)
+  return _cast(x, st.dtype)
+
+
+def _late_input(rebuild, saved, key_data, dt):
+  """The layer input in the backward pass: ``saved`` itself, or rebuilt from the saved roots.
+
+  Returns ``(x, key_data, dt, dep)``; ``dep`` (or ``None``) is a zero that depends on ``dt``.
+  """
+  dep = None
+  if rebuild is not None or key_data is not None:
+    # Tie the recomputation to the backward pass so that XLA neither merges it with the
+    # forward computation (which would keep the input alive) nor schedules it early.
+    saved, key_data, dt = lax.optimization_barrier((saved, key_data, dt))
+    dep = _after(dt)
+  if rebuild is None:
+    return saved, key_data, dt, dep
+  # One late operand is enough to order the whole recomputation (the smallest float one,
+  # so that no large copy is made when it does not fuse).
+  floats = [i for i, r in enumerate(saved) if jnp.issubdtype(r.dtype, jnp.floating)]
+  late = min(floats, key=lambda i: saved[i].size) if floats else None
+  x = rebuild(tuple(_plus(r, dep) if i == late else r for i, r in enumerate(saved)))
+  return x, key_data, dt, dep
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _term(st: _Term, x, roots, f1, f2, key_data):
-  keep = None if key_data is None else _keep_mask(st, key_data, x.shape)
-  return _lowrank_term(_prep(st, x, keep), f1, f2, scale=st.scale, labels=st.labels,
-                       precision=st.precision, fused=st.fused)[0]
+  return _term_fwd(st, x, roots, f1, f2, key_data)[0]
 
 
 def _term_fwd(st: _Term, x, roots, f1, f2, key_data):
   keep = None if key_data is None else _keep_mask(st, key_data, x.shape)
   y, t = _lowrank_term(_prep(st, x, keep), f1, f2, scale=st.scale, labels=st.labels,
                        precision=st.precision, fused=st.fused)
+  if st.out_dtype is not None:
+    y = _cast(y, st.out_dtype)
   # The input is saved only when it cannot be rebuilt from values kept anyway; a dropout
   # mask is never saved (it is drawn again from its key).
   saved = roots if st.rebuild is not None else x
@@ -173,49 +196,186 @@ def _term_fwd(st: _Term, x, roots, f1, f2, key_data):
 def _term_bwd(st: _Term, res, dy):
   saved, f1, f2, t, key_data, x_dtype = res
   xl, l1, l2, tl, ol = st.labels
-  dy = dy.astype(f2.dtype)
+  dy = _cast(dy, f2.dtype)
   dt = contract(dy, ol, f2, l2, tl, precision=st.precision)
   df2 = contract(t, tl, dy, ol, l2, precision=st.precision)
-  dt = dt * jnp.asarray(st.scale, dt.dtype)
-  dep = None
-  if st.rebuild is not None or key_data is not None:
-    # Tie the recomputation to the backward pass so that XLA neither merges it with the
-    # forward computation (which would keep the input alive) nor schedules it early.
-    saved, key_data, dt = lax.optimization_barrier((saved, key_data, dt))
-    dep = _after(dt)
-  if st.rebuild is not None:
-    # One late operand is enough to order the whole recomputation (the smallest float one,
-    # so that no large copy is made when it does not fuse).
-    floats = [i for i, r in enumerate(saved) if jnp.issubdtype(r.dtype, jnp.floating)]
-    late = min(floats, key=lambda i: saved[i].size) if floats else None
-    x = st.rebuild(tuple(_plus(r, dep) if i == late else r for i, r in enumerate(saved)))
-  else:
-    x = saved
+  dt = _scaled(dt, st.scale)
+  x, key_data, dt, dep = _late_input(st.rebuild, saved, key_data, dt)
   keep = None if key_data is None else _keep_mask(st, key_data, x.shape, dep)
   df1 = contract(_prep(st, x, keep), xl, dt, tl, l1, precision=st.precision)
   dx = _expand(dt, tl, f1, l1, xl, st.fused, st.precision)
   if keep is not None:
     dx = jnp.where(keep, dx / (1.0 - st.rate), jnp.zeros_like(dx))
-  return dx.astype(x_dtype.dtype), None, df1, df2, None
+  return _cast(dx, x_dtype.dtype), None, df1, df2, None
 
 
 _term.defvjp(_term_fwd, _term_bwd)
 
 
 def lowrank_term(x, f1, f2, *, labels, scale, precision, fused: bool, rate: float = 0.0, key=None,
-                 recompute: Recompute | None = None):
+                 recompute: Recompute | None = None, out_dtype=None):
   """``scale · ((dropout(x)·f1)·f2)`` under a custom VJP that controls what is saved.
 
   The backward pass keeps ``t = x·f1`` and either ``x`` or, with ``recompute``,
   the roots ``x`` is rebuilt from (values the model's own backward pass keeps
   anyway); a dropout mask is redrawn from ``key`` instead of being saved. With
   ``fused`` the rank expansions are fused multiply-adds (see ``two_step``).
+
+  The term is cast to ``out_dtype`` if given (inside the custom VJP: under
+  ``jax.grad`` nothing of the term is linearised op by op while tracing).
   """
   key_data = None if key is None or rate <= 0.0 else jax.random.key_data(key)
   st = _Term(labels=labels, scale=scale, precision=precision, fused=fused, rate=float(rate),
-             dtype=f1.dtype, rebuild=None if recompute is None else recompute.rebuild)
+             dtype=f1.dtype, rebuild=None if recompute is None else recompute.rebuild,
+             out_dtype=out_dtype)
   roots = () if recompute is None else tuple(recompute.roots)
   return _term(st, x, roots, f1, f2, key_data)
+
+
+# -- adapted layers that share their input ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+  """One layer of a group: its own labels and scaling (see ``_Group``)."""
+
+  l2: tuple  # labels of its second factor
+  out: tuple  # labels of its output
+  t: tuple  # labels of its slice of ``t``: the group's ``t`` labels, renamed for this layer
+  rank: int
+  scale: Any
+  out_dtype: Any
+  fused: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Group:
+  """Static parts of adapted layers that read one input, under one custom VJP (``grouped_dot_out``)."""
+
+  x: tuple  # labels of the input (the first layer's)
+  a: tuple  # labels of the concatenated first factors (the first layer's)
+  t: tuple  # labels of ``t = x·A_cat``
+  a_rank: int  # the rank axis of A_cat
+  t_rank: int  # the rank axis of t
+  perms: tuple  # per layer: the transpose of its first factor into the order of ``a``
+  members: tuple  # per layer: a ``_Member``
+  precision: Any
+  dtype: Any
+  rebuild: Any
+  fused: bool  # fused expansion for ``dx = dt·A_catᵀ``
+
+
+def _cat_a(st: _Group, f1s):
+  parts = [f if list(p) == list(range(f.ndim)) else lax.transpose(f, p) for f, p in zip(f1s, st.perms)]
+  return lax.concatenate(parts, st.a_rank)
+
+
+def _split(x, axis: int, sizes):
+  out, off = [], 0
+  for r in sizes:
+    out.append(lax.slice_in_dim(x, off, off + r, axis=axis))
+    off += r
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _group(st: _Group, x, roots, f1s, f2s):
+  return _group_fwd(st, x, roots, f1s, f2s)[0]
+
+
+def _group_fwd(st: _Group, x, roots, f1s, f2s):
+  t_all = contract(_cast(x, st.dtype), st.x, _cat_a(st, f1s), st.a, st.t, precision=st.precision)
+  ys, ts = [], []
+  for f2, m, t in zip(f2s, st.members, _split(t_all, st.t_rank, [m.rank for m in st.members])):
+    t = _scaled(t, m.scale)
+    ys.append(_cast(_expand(t, m.t, f2, m.l2, m.out, m.fused, st.precision), m.out_dtype))
+    ts.append(t)
+  saved = roots if st.rebuild is not None else x
+  return tuple(ys), (saved, f1s, f2s, tuple(ts), jnp.zeros((0,), x.dtype))
+
+
+def _group_bwd(st: _Group, res, dys):
+  saved, f1s, f2s, ts, x_dtype = res
+  dts, df2s = [], []
+  for dy, f2, m, t in zip(dys, f2s, st.members, ts):
+    dy = _cast(dy, f2.dtype)
+    dts.append(_scaled(contract(dy, m.out, f2, m.l2, m.t, precision=st.precision), m.scale))
+    df2s.append(contract(t, m.t, dy, m.out, m.l2, precision=st.precision))
+  dt = lax.concatenate(dts, st.t_rank)
+  x, _, dt, _ = _late_input(st.rebuild, saved, None, dt)
+  df1 = contract(_cast(x, st.dtype), st.x, dt, st.t, st.a, precision=st.precision)
+  df1s = []
+  for d, p in zip(_split(df1, st.a_rank, [m.rank for m in st.members]), st.perms):
+    df1s.append(d if list(p) == list(range(d.ndim)) else lax.transpose(d, [list(p).index(i) for i in range(d.ndim)]))
+  dx = _expand(dt, st.t, _cat_a(st, f1s), st.a, st.x, st.fused, st.precision)
+  return _cast(dx, x_dtype.dtype), None, tuple(df1s), tuple(df2s)
+
+
+_group.defvjp(_group_fwd, _group_bwd)
+
+
+def groupable(v: LowRank, plan: "DotPlan") -> bool:
+  """Whether the layer may join a group (``grouped_dot_out``): a plain LoRA matmul whose input
+  meets ``A`` first over input axes only."""
+  if not v.has_factors or plan.first != "a" or v.source.spec.dropout > 0.0:
+    return False
+  if type(v.source.spec.variant).dot is not _plain_dot():
+    return False
+  a = list(v.a_labels)
+  return a.count(RANK) == 1 and all(l is RANK or l in plan.x_labels for l in a)
+
+
+def _plain_dot():
+  from jlora._variant import Variant
+
+  return Variant.dot
+
+
+def grouped_dot_out(ctx, vs, x, base_outs, plans, *, recompute: Recompute | None = None) -> list | None:
+  """The outputs of several adapted matmuls that read the same input ``x``, as one custom VJP.
+
+  ``t = x·[A_1 … A_n]`` is one matmul, and so are ``dA`` and the input's gradient
+  ``dt·[A_1 … A_n]ᵀ`` in the backward pass, which rebuilds ``x`` (or keeps it) once
+  for all the layers instead of once per layer (q/k/v, gate/up). Each layer then
+  expands its own slice of ``t`` with its ``B`` and adds its base output, as
+  ``lora_dot_out`` does. Returns ``None`` when the layers do not line up (factors of
+  different dtypes or layouts): each is then served alone.
+  """
+  p0, v0 = plans[0], vs[0]
+  pos0 = {l: i for i, l in enumerate(p0.x_labels)}
+  a_pos = [("r" if l is RANK else pos0[l]) for l in v0.a_labels]
+  perms, members = [], []
+  for v, plan in zip(vs, plans):
+    if v.a.dtype != v0.a.dtype or plan.precision != p0.precision or len(plan.x_labels) != len(p0.x_labels):
+      return None
+    pos = {l: i for i, l in enumerate(plan.x_labels)}
+    mine = [("r" if l is RANK else pos[l]) for l in v.a_labels]
+    if sorted(mine, key=str) != sorted(a_pos, key=str):
+      return None
+    perms.append(tuple(mine.index(p) for p in a_pos))
+    members.append((v, plan))
+  xl, a_l, _, tl, _ = lowrank_labels(p0.x_labels, v0.a_labels, v0.b_labels, p0.out_labels)
+  rename_base = {l: i for i, l in enumerate(p0.x_labels)}
+  ms = []
+  for v, plan in members:
+    labels = lowrank_labels(plan.x_labels, v.a_labels, v.b_labels, plan.out_labels)
+    rename = {l: (RANK if l is RANK else plan.x_labels[rename_base[l]]) for l in tl}
+    if labels[3] != tuple(rename[l] for l in tl):
+      return None
+    spec = v.source.spec
+    ms.append(_Member(l2=labels[2], out=labels[4], t=labels[3], rank=spec.rank, scale=spec.scale,
+                      out_dtype=plan.out_dtype,
+                      fused=ctx.fused_expansion and spec.rank <= FUSED_EXPANSION_MAX_RANK))
+  total = sum(m.rank for m in ms)
+  st = _Group(x=xl, a=a_l, t=tl, a_rank=a_l.index(RANK), t_rank=tl.index(RANK), perms=tuple(perms),
+              members=tuple(ms), precision=p0.precision, dtype=v0.a.dtype,
+              rebuild=None if recompute is None else recompute.rebuild,
+              fused=ctx.fused_expansion and total <= FUSED_EXPANSION_MAX_RANK)
+  roots = () if recompute is None else tuple(recompute.roots)
+  for _ in vs:
+    ctx.next_key()  # one dropout site per layer, as when each is served alone
+  terms = _group(st, x, roots, tuple(v.a for v in vs), tuple(v.b for v in vs))
+  return [add_term(ctx, v, base, term) for v, base, term in zip(vs, base_outs, terms)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,16 +445,62 @@ def add_term(ctx, v: LowRank, base_out, term):
   (exact) makes it an "expensive" producer that XLA computes once, into a
   buffer that takes the base output's place.
   """
-  y = base_out + term.astype(base_out.dtype)
-  if not getattr(ctx, "custom_vjp", False) or not jnp.issubdtype(y.dtype, jnp.floating):
-    return y
-  factor = next(iter(v.factors.values()))
-  return y / _runtime_one(factor).astype(y.dtype)
+  term = _cast(term, base_out.dtype)
+  if (not getattr(ctx, "custom_vjp", False) or base_out.shape != term.shape
+      or not jnp.issubdtype(base_out.dtype, jnp.floating)):
+    return base_out + term
+  return _materialized_sum(base_out, term, _runtime_one(next(iter(v.factors.values()))))
+
+
+@jax.custom_vjp
+def _materialized_sum(base, term, one):
+  """``(base + term) / one`` (see ``add_term``), under a custom VJP so that tracing it under
+  ``jax.grad`` costs no linearisation."""
+  return lax.div(lax.add(base, term), _cast(one, base.dtype))
+
+
+def _materialized_sum_fwd(base, term, one):
+  return _materialized_sum(base, term, one), one
+
+
+def _materialized_sum_bwd(one, g):
+  # The cotangent is divided by the same runtime one, i.e. materialised once too: it is a sum
+  # of several (a residual stream's), which XLA would otherwise fuse into both consumers (the
+  # base matmul's transpose and the low-rank term's), keeping the summands alive longer
+  # (temp memory 1.23× the floor instead of 1.05× in benchmarks/train_step.py --quick).
+  g = lax.div(g, _cast(one, g.dtype))
+  return g, g, jnp.zeros_like(one)
+
+
+_materialized_sum.defvjp(_materialized_sum_fwd, _materialized_sum_bwd)
 
 
 def _runtime_one(f):
   """``1.0`` computed from a small, always live factor, so that XLA cannot fold it away."""
-  return lax.stop_gradient(1.0 + 0.0 * jnp.ravel(f)[0].astype(jnp.float32))
+  zero = lax.mul(_cast(_first(lax.stop_gradient(f)), jnp.float32), np.float32(0.0))
+  return lax.stop_gradient(lax.add(zero, np.float32(1.0)))
+
+
+# Plain ``lax`` operations below: each ``jnp`` function is a nested jit, which is cheap to
+# trace alone but costs a linearization of its own under ``jax.grad``, and a model has
+# hundreds of adapted layers (see ``benchmarks/compile_time.py``).
+
+
+def _cast(x, dtype):
+  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
+def _first(x):
+  """The first element of ``x`` as a scalar."""
+  if x.ndim == 0:
+    return x
+  return lax.reshape(lax.slice(x, (0,) * x.ndim, (1,) * x.ndim), ())
+
+
+def _scaled(x, scale):
+  """``x · scale`` for a Python or array scalar."""
+  return lax.mul(x, _cast(jnp.asarray(scale), x.dtype) if not isinstance(scale, (int, float))
+                 else np.asarray(scale, x.dtype))
 
 
 def lora_input(ctx, v: LowRank, x):
@@ -303,12 +509,13 @@ def lora_input(ctx, v: LowRank, x):
   return _dropout(x, spec.dropout, ctx.next_key()).astype(v.a.dtype)
 
 
-def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None):
+def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None, base_out=None):
   """The scaled low-rank term of a ``dot_general`` for factors ``a`` and ``b``.
 
   ``factors`` optionally replaces ``(a, b)`` (same labels), e.g. a variant's
   effective factors. Under the custom-VJP lowering the term saves neither the
-  input when ``plan.recompute`` can rebuild it nor a dropout mask.
+  input when ``plan.recompute`` can rebuild it nor a dropout mask. With
+  ``base_out`` the result is the layer output (see ``lora_dot_out``).
   """
   a, b = factors if factors is not None else (v.a, v.b)
   if plan.first == "a":
@@ -320,11 +527,18 @@ def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None):
   fused = ctx.fused_expansion and spec.rank <= FUSED_EXPANSION_MAX_RANK
   if getattr(ctx, "custom_vjp", False):
     y = lowrank_term(x, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused,
-                     rate=spec.dropout, key=ctx.next_key(), recompute=plan.recompute)
+                     rate=spec.dropout, key=ctx.next_key(), recompute=plan.recompute,
+                     out_dtype=plan.out_dtype)
   else:
     xin = lora_input(ctx, v, x)
-    y = two_step(xin, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused)
-  return y.astype(plan.out_dtype)
+    y = _cast(two_step(xin, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused),
+              plan.out_dtype)
+  return y if base_out is None else add_term(ctx, v, base_out, y)
+
+
+def lora_dot_out(ctx, v: LowRank, x, base_out, plan: DotPlan, *, scale):
+  """The layer output ``base_out + `` the low-rank term of ``lora_dot_term`` (``add_term``)."""
+  return lora_dot_term(ctx, v, x, plan, scale=scale, base_out=base_out)
 
 
 # -- convolution and lookup --------------------------------------------------------------

@@ -74,6 +74,30 @@ def _is_lr(x) -> bool:
   return isinstance(x, LowRank)
 
 
+def _group_input(eqn, kernel, producer=None):
+  """The input a matmul of one LoRA kernel reads, or ``None`` (for another kind of matmul).
+
+  With ``producer``, a key under which matmuls reading the same value meet: the input
+  followed back through casts (each layer may cast its input itself), with the casts' dtypes.
+  """
+  lhs, rhs = eqn.invars
+  k = [not isinstance(u, jcore.Literal) and u in kernel for u in (lhs, rhs)]
+  if k[0] == k[1]:
+    return None
+  x = rhs if k[0] else lhs
+  if isinstance(x, jcore.Literal):
+    return None
+  if producer is None:
+    return x
+  casts = []
+  while x in producer and producer[x][1].primitive is P.convert_element_type_p:
+    casts.append(x.aval.dtype)
+    x = producer[x][1].invars[0]
+    if isinstance(x, jcore.Literal):
+      return None
+  return (x, tuple(casts))
+
+
 class _Frame:
   """One jaxpr being evaluated: its environment and, on demand, its static analysis."""
 
@@ -82,6 +106,19 @@ class _Frame:
   def __init__(self, jaxpr, env, args, hot_in):
     self.jaxpr, self.env, self.args, self.hot_in = jaxpr, env, args, hot_in
     self._analysis = None
+
+  def groups(self) -> dict[int, list[int]]:
+    """Matmuls of LoRA kernels that read one input, by the index of the first (see ``_group_input``)."""
+    if not any(_is_lr(a) for a in self.args):
+      return {}
+    kernel = self.analysis().kernel
+    by_input: dict = {}
+    for index, eqn in enumerate(self.jaxpr.eqns):
+      if eqn.primitive is P.dot_general_p:
+        key = _group_input(eqn, kernel, self.analysis().producer)
+        if key is not None:
+          by_input.setdefault(key, []).append(index)
+    return {m[0]: m for m in by_input.values() if len(m) > 1}
 
   def analysis(self) -> Analysis:
     if self._analysis is None:
@@ -158,25 +195,106 @@ class Interpreter:
       env[var] = val
     for var, val in zip(jaxpr.invars, args):
       env[var] = val
-    for eqn in jaxpr.eqns:
-      invals = [read(v) for v in eqn.invars]
-      if not any(_is_lr(x) for x in invals):
-        outs = _bind(eqn, invals)
+    groups = self._frame.groups() if self.mode == "lora" and self.custom_vjp else {}
+    ready: dict[int, list] = {}  # equations evaluated ahead of their turn (groups)
+    for index, eqn in enumerate(jaxpr.eqns):
+      if index in ready:
+        outs = ready.pop(index)
+      elif index in groups and (outs := self._group(index, groups[index], env, ready)) is not None:
+        pass
       else:
-        rule = _RULES.get(eqn.primitive)
-        try:
-          if rule is None:
-            raise Unsupported("")
-          with _ctx(eqn):
-            outs = rule(self, eqn, invals)
-        except Unsupported as e:
-          outs = self.unsupported(eqn, invals, str(e))
-        except OrientationError as e:
-          raise LoraApplyError(f"jlora.wrap: {e}{_where(eqn)}") from None
+        outs = self._eval(eqn, [read(v) for v in eqn.invars])
       for var, val in zip(eqn.outvars, outs):
         if not isinstance(var, jcore.DropVar):
           env[var] = val
     return [read(v) for v in jaxpr.outvars]
+
+  def _eval(self, eqn, invals) -> list:
+    if not any(_is_lr(x) for x in invals):
+      return _bind(eqn, invals)
+    rule = _RULES.get(eqn.primitive)
+    try:
+      if rule is None:
+        raise Unsupported("")
+      with _ctx(eqn):
+        return rule(self, eqn, invals)
+    except Unsupported as e:
+      return self.unsupported(eqn, invals, str(e))
+    except OrientationError as e:
+      raise LoraApplyError(f"jlora.wrap: {e}{_where(eqn)}") from None
+
+  # -- adapted matmuls that read one input (q/k/v, gate/up) ----------------------------
+  def _group(self, index: int, members: list[int], env: dict, ready: dict) -> list | None:
+    """Serves the matmuls ``members`` (equation indices, ``index`` first) under one custom VJP.
+
+    Their kernels are evaluated ahead of their turn when they can be (the structural
+    equations between a kernel input and its matmul); the other members' outputs go to
+    ``ready``. Returns ``index``'s outputs, or ``None`` to serve ``index`` alone.
+    """
+    jaxpr = self._frame.jaxpr
+    eqns = jaxpr.eqns
+    kernel = self._frame.analysis().kernel
+    x = env.get(_group_input(eqns[index], kernel))
+    if x is None or _is_lr(x):
+      return None
+    chosen, vs, plans = [], [], []
+    for m in members:
+      eqn = eqns[m]
+      v_is_lhs = not isinstance(eqn.invars[0], jcore.Literal) and eqn.invars[0] in kernel
+      kvar = eqn.invars[0] if v_is_lhs else eqn.invars[1]
+      if not self._ahead(kvar, env, ready, index):
+        continue
+      v = env[kvar]
+      if not _is_lr(v) or not v.has_factors:
+        continue
+      try:
+        plan = _consumers.dot_plan(v, x, v_is_lhs=v_is_lhs, dimension_numbers=eqn.params["dimension_numbers"],
+                                   precision=eqn.params["precision"], out_dtype=eqn.outvars[0].aval.dtype)
+      except OrientationError:
+        continue  # raised with its source line when the equation is served alone
+      if _consumers.groupable(v, plan):
+        chosen.append(m)
+        vs.append(v)
+        plans.append(plan)
+    if len(chosen) < 2 or chosen[0] != index:
+      return None
+    bases = []
+    for m, v, plan in zip(chosen, vs, plans):
+      # The other members' inputs hold the same value (the same casts of one value).
+      with _ctx(eqns[m]):
+        bases.append(_base_out(eqns[m], [v, x] if plan.v_is_lhs else [x, v])[0])
+    x_var = _group_input(eqns[index], kernel)
+    recompute = self.recompute(x_var, rank=sum(v.source.spec.rank for v in vs))
+    with _ctx(eqns[index]):
+      outs = _consumers.grouped_dot_out(self, vs, x, bases, plans, recompute=recompute)
+    if outs is None:
+      return None
+    for m, out in zip(chosen[1:], outs[1:]):
+      ready[m] = [out]
+    return [outs[0]]
+
+  def _ahead(self, var, env: dict, ready: dict, now: int) -> bool:
+    """Makes the kernel value ``var`` available now, evaluating its structural equations early."""
+    if isinstance(var, jcore.Literal) or var in env:
+      return True
+    an = self._frame.analysis()
+    item = an.producer.get(var)
+    if item is None or var not in an.kernel:
+      return False
+    index, eqn = item
+    if index < now or index in ready:
+      return False
+    for u in eqn.invars:
+      if isinstance(u, jcore.Literal) or u in env:
+        continue
+      if u not in an.kernel or not self._ahead(u, env, ready, now):
+        return False
+    outs = self._eval(eqn, [u.val if isinstance(u, jcore.Literal) else env[u] for u in eqn.invars])
+    for o, val in zip(eqn.outvars, outs):
+      if not isinstance(o, jcore.DropVar):
+        env[o] = val
+    ready[index] = outs
+    return True
 
   def unsupported(self, eqn, invals, reason: str) -> list:
     lrs = [x for x in invals if _is_lr(x)]

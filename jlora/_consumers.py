@@ -337,8 +337,8 @@ def grouped_dot_out(ctx, vs, x, base_outs, plans, *, recompute: Recompute | None
   ``t = x·[A_1 … A_n]`` is one matmul, and so are ``dA`` and the input's gradient
   ``dt·[A_1 … A_n]ᵀ`` in the backward pass, which rebuilds ``x`` (or keeps it) once
   for all the layers instead of once per layer (q/k/v, gate/up). Each layer then
-  expands its own slice of ``t`` with its ``B`` and adds its base output, as
-  ``lora_dot_out`` does. Returns ``None`` when the layers do not line up (factors of
+  expands its own slice of ``t`` with its ``B`` and adds its base output
+  (``add_term``), as ``Variant.dot`` does for one layer. Returns ``None`` when the layers do not line up (factors of
   different dtypes or layouts): each is then served alone.
   """
   p0, v0 = plans[0], vs[0]
@@ -478,7 +478,7 @@ _materialized_sum.defvjp(_materialized_sum_fwd, _materialized_sum_bwd)
 def _runtime_one(f):
   """``1.0`` computed from a small, always live factor, so that XLA cannot fold it away."""
   zero = lax.mul(_cast(_first(lax.stop_gradient(f)), jnp.float32), np.float32(0.0))
-  return lax.stop_gradient(lax.add(zero, np.float32(1.0)))
+  return lax.add(zero, np.float32(1.0))
 
 
 # Plain ``lax`` operations below: each ``jnp`` function is a nested jit, which is cheap to
@@ -509,13 +509,12 @@ def lora_input(ctx, v: LowRank, x):
   return _dropout(x, spec.dropout, ctx.next_key()).astype(v.a.dtype)
 
 
-def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None, base_out=None):
+def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None):
   """The scaled low-rank term of a ``dot_general`` for factors ``a`` and ``b``.
 
   ``factors`` optionally replaces ``(a, b)`` (same labels), e.g. a variant's
   effective factors. Under the custom-VJP lowering the term saves neither the
-  input when ``plan.recompute`` can rebuild it nor a dropout mask. With
-  ``base_out`` the result is the layer output (see ``lora_dot_out``).
+  input when ``plan.recompute`` can rebuild it nor a dropout mask.
   """
   a, b = factors if factors is not None else (v.a, v.b)
   if plan.first == "a":
@@ -533,12 +532,7 @@ def lora_dot_term(ctx, v: LowRank, x, plan: DotPlan, *, scale, factors=None, bas
     xin = lora_input(ctx, v, x)
     y = _cast(two_step(xin, f1, f2, labels=labels, scale=scale, precision=plan.precision, fused=fused),
               plan.out_dtype)
-  return y if base_out is None else add_term(ctx, v, base_out, y)
-
-
-def lora_dot_out(ctx, v: LowRank, x, base_out, plan: DotPlan, *, scale):
-  """The layer output ``base_out + `` the low-rank term of ``lora_dot_term`` (``add_term``)."""
-  return lora_dot_term(ctx, v, x, plan, scale=scale, base_out=base_out)
+  return y
 
 
 # -- convolution and lookup --------------------------------------------------------------

@@ -111,11 +111,11 @@ class _Frame:
     """Matmuls of LoRA kernels that read one input, by the index of the first (see ``_group_input``)."""
     if not any(_is_lr(a) for a in self.args):
       return {}
-    kernel = self.analysis().kernel
+    analysis = self.analysis()
     by_input: dict = {}
     for index, eqn in enumerate(self.jaxpr.eqns):
       if eqn.primitive is P.dot_general_p:
-        key = _group_input(eqn, kernel, self.analysis().producer)
+        key = _group_input(eqn, analysis.kernel, analysis.producer)
         if key is not None:
           by_input.setdefault(key, []).append(index)
     return {m[0]: m for m in by_input.values() if len(m) > 1}
@@ -234,7 +234,8 @@ class Interpreter:
     jaxpr = self._frame.jaxpr
     eqns = jaxpr.eqns
     kernel = self._frame.analysis().kernel
-    x = env.get(_group_input(eqns[index], kernel))
+    x_var = _group_input(eqns[index], kernel)
+    x = env.get(x_var)
     if x is None or _is_lr(x):
       return None
     chosen, vs, plans = [], [], []
@@ -263,7 +264,6 @@ class Interpreter:
       # The other members' inputs hold the same value (the same casts of one value).
       with _ctx(eqns[m]):
         bases.append(_base_out(eqns[m], [v, x] if plan.v_is_lhs else [x, v])[0])
-    x_var = _group_input(eqns[index], kernel)
     recompute = self.recompute(x_var, rank=sum(v.source.spec.rank for v in vs))
     with _ctx(eqns[index]):
       outs = _consumers.grouped_dot_out(self, vs, x, bases, plans, recompute=recompute)

@@ -98,7 +98,7 @@ class Variant:
   def dot(self, ctx: Any, v: Any, x: Any, base_out: Any, plan: Any) -> Any:
     from jlora import _consumers
 
-    return _consumers.lora_dot_out(ctx, v, x, base_out, plan, scale=v.source.spec.scale)
+    return _consumers.add_term(ctx, v, base_out, _consumers.lora_dot_term(ctx, v, x, plan, scale=v.source.spec.scale))
 
   def conv(self, ctx: Any, v: Any, x: Any, base_out: Any, params: dict) -> Any:
     from jlora import _consumers

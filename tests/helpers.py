@@ -22,11 +22,16 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 def command_env(devices: int | None = None) -> dict:
   """The environment for a subprocess running a command or a check: fast compilation and,
-  given ``devices``, that many fake CPU devices (other XLA flags kept)."""
+  given ``devices``, that many fake CPU devices (other XLA flags kept).
+
+  ``USE_TORCH=0`` keeps transformers (imported for its tokenizers) from importing PyTorch,
+  as on a user's machine, where jlora does not install it: torch is only the tests'
+  reference, and importing it cost each subprocess about 6 s of its 25 s.
+  """
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith(("--xla_force_host_platform_device_count=", "--xla_backend_optimization_level="))]
   flags.append(FAST_COMPILE)
-  env = {**os.environ}
+  env = {**os.environ, "USE_TORCH": "0"}
   if devices is not None:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -313,11 +314,12 @@ if __name__ == "__main__":
   for name in sys.argv[2:]:
     tmp = os.path.join(sys.argv[1], name)
     os.makedirs(tmp, exist_ok=True)
+    start = time.perf_counter()
     try:
       globals()[f"check_{name}"](tmp)
     except Exception:
       failed = True
       print(f"{name} FAILED\n{traceback.format_exc()}", flush=True)
     else:
-      print(f"{name} OK", flush=True)
+      print(f"{name} OK ({time.perf_counter() - start:.1f} s)", flush=True)
   sys.exit(1 if failed else 0)

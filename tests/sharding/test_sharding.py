@@ -17,7 +17,7 @@ def run_checks(names: list[str], tmp_path) -> None:
   env = command_env(8)
   res = subprocess.run([sys.executable, os.path.join(HERE, "checks.py"), str(tmp_path), *names],
                        capture_output=True, text=True, env=env, timeout=900)
-  ok = [n for n in names if f"{n} OK" in res.stdout.splitlines()]
+  ok = [n for n in names if any(l.startswith(f"{n} OK") for l in res.stdout.splitlines())]
   assert res.returncode == 0 and ok == names, (
       f"failed: {[n for n in names if n not in ok]}\n" + res.stdout[-6000:] + res.stderr[-4000:])
 

@@ -1,14 +1,20 @@
-"""Compile time of a LoRA train step vs full fine-tuning on unrolled models of 4, 16, 32 layers.
+"""Compile time of a LoRA train step vs full fine-tuning, at 4, 16 and 32 layers.
 
 ``jlora.wrap`` traces the model to a jaxpr and re-evaluates it with the low-rank path, and the
 LoRA step's program holds the adapters' own matmuls: tracing, lowering and XLA compilation
-of the whole jitted train step (loss + grad + AdamW) are timed for both, per layer count,
-with fresh functions each time (no cache hits), alternating the two. The model is a Hugging
-Face Flax Llama (d=512, ffn 1376, 8 heads, vocab 1024; its layers are unrolled Python
-modules, no scan) with LoRA r=8 on all 7 linear kinds.
+of the whole jitted train step (loss + grad + AdamW, donated buffers) are timed, per layer
+count, with fresh functions each time (no cache hits), alternating the steps:
+
+* ``unrolled``: a Hugging Face Flax Llama (d=512, ffn 1376, 8 heads, vocab 1024; its layers
+  are unrolled Python modules, no scan) with LoRA r=8 on all 7 linear kinds: full
+  fine-tuning, jlora, jlora's plain-autodiff lowering (``fused_expansion=False``), and qwix
+  0.1.8's LoRA (the peer, which adds ``x·A·B`` inside each Flax module and lets JAX
+  differentiate it: the plainest LoRA program) when installed;
+* ``scanned``: ``jlora.models``' decoder of the same shape (layers under ``jax.lax.scan``):
+  full fine-tuning and jlora.
 
   python benchmarks/compile_time.py                 # 4, 16 and 32 layers, 2 repeats (minimum kept)
-  python benchmarks/compile_time.py --layers 4,16 --repeats 1
+  python benchmarks/compile_time.py --layers 4,16 --repeats 1 --models unrolled
 
 Results go to benchmarks/results/compile_time.json.
 """
@@ -57,8 +63,8 @@ def build(layers: int):
   adapters, frozen = jlora.split(jlora.init(jax.random.key(1), params, cfg))
   ltx = jlora.optimizer(tx, adapters)
 
-  def make_lora():
-    wrapped = jlora.wrap(lambda p, ids: model(ids, params=p).logits)
+  def make_lora(lowering=None):
+    wrapped = jlora.wrap(lambda p, ids: model(ids, params=p).logits, fused_expansion=lowering)
 
     def lora_step(adapters, opt_state, frozen, ids):
       loss, g = jax.value_and_grad(lambda a: loss_of(wrapped(jlora.combine(a, frozen), ids), ids))(adapters)
@@ -67,13 +73,57 @@ def build(layers: int):
 
     return lora_step, (adapters, ltx.init(adapters), frozen, ids)
 
-  return make_full, make_lora
+  def make_qwix():
+    from train_step import qwix_step
+
+    return qwix_step(model, ids)
+
+  return {"full": make_full, "jlora": make_lora, "jlora_autodiff": lambda: make_lora(False), "qwix": make_qwix}
+
+
+def build_scanned(layers: int):
+  """The same steps on ``jlora.models``' scanned decoder, from abstract shapes (nothing runs)."""
+  import jlora.models
+
+  model = jlora.models.Decoder(jlora.models.ModelConfig.from_hf(
+      {"model_type": "llama", **LLAMA, "num_hidden_layers": layers, "tie_word_embeddings": False}))
+  shapes = model.shapes()
+  ids = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+  fwd = lambda p, ids: model(p, ids)
+
+  def make_full():
+    def full_step(params, opt_state, ids):
+      loss, g = jax.value_and_grad(lambda p: loss_of(fwd(p, ids), ids))(params)
+      u, opt_state = tx.update(g, opt_state, params)
+      return optax.apply_updates(params, u), opt_state, loss
+
+    return full_step, (shapes, jax.eval_shape(tx.init, shapes), ids)
+
+  cfg = jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=model.targets("all-linear"))
+  lp = jax.eval_shape(lambda p: jlora.init(jax.random.key(1), p, cfg, layout=model.layout), shapes)
+  adapters, frozen = jlora.split(lp)
+  ltx = jlora.optimizer(tx, adapters)
+
+  def make_lora():
+    wrapped = jlora.wrap(fwd)
+
+    def lora_step(adapters, opt_state, frozen, ids):
+      loss, g = jax.value_and_grad(lambda a: loss_of(wrapped(jlora.combine(a, frozen), ids), ids))(adapters)
+      u, opt_state = ltx.update(g, opt_state, adapters)
+      return optax.apply_updates(adapters, u), opt_state, loss
+
+    return lora_step, (adapters, jax.eval_shape(ltx.init, adapters), frozen, ids)
+
+  return {"full": make_full, "jlora": make_lora}
 
 
 def timed(make) -> dict:
   step, args = make()
+  if not hasattr(step, "trace"):  # qwix's step comes jitted already
+    step = jax.jit(step, donate_argnums=(0, 1))
   t0 = time.perf_counter()
-  traced = jax.jit(step, donate_argnums=(0, 1)).trace(*args)
+  traced = step.trace(*args)
   t1 = time.perf_counter()
   lowered = traced.lower()
   t2 = time.perf_counter()
@@ -86,20 +136,36 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--layers", default="4,16,32", help="comma-separated layer counts")
   ap.add_argument("--repeats", type=int, default=2, help="measurements per step and layer count (minimum kept)")
+  ap.add_argument("--models", default="unrolled,scanned", help="unrolled (HF Flax Llama) and/or scanned (jlora.models)")
   args = ap.parse_args()
-  result = {"model": {**LLAMA, "batch": 4, "seq": 256, "rank": RANK, "targets": ALL_LINEAR}, "layers": {}}
-  for layers in [int(x) for x in args.layers.split(",") if x]:
-    make_full, make_lora = build(layers)
-    runs = {"full": [], "jlora": []}
-    for _ in range(args.repeats):  # alternate, so that machine noise hits both alike
-      runs["full"].append(timed(make_full))
-      runs["jlora"].append(timed(make_lora))
-    best = {k: min(v, key=lambda r: r["total_s"]) for k, v in runs.items()}
-    best["jlora_over_full"] = best["jlora"]["total_s"] / best["full"]["total_s"]
-    best["all_runs"] = runs
-    result["layers"][str(layers)] = best
-    print(f"{layers} layers: full {best['full']['total_s']:.1f}s, jlora {best['jlora']['total_s']:.1f}s, "
-          f"ratio {best['jlora_over_full']:.2f}", flush=True)
+  try:
+    import qwix  # noqa: F401
+    have_qwix = True
+  except ImportError:
+    have_qwix = False
+  result = {"model": {**LLAMA, "batch": 4, "seq": 256, "rank": RANK, "targets": ALL_LINEAR}}
+  for kind in [k for k in args.models.split(",") if k]:
+    result[kind] = {}
+    for layers in [int(x) for x in args.layers.split(",") if x]:
+      makers = build(layers) if kind == "unrolled" else build_scanned(layers)
+      if kind == "unrolled" and not have_qwix:
+        makers.pop("qwix")
+        result["qwix"] = "not installed (pip install qwix==0.1.8)"
+      runs = {name: [] for name in makers}
+      for _ in range(args.repeats):  # alternate, so that machine noise hits all alike
+        for name, make in makers.items():
+          runs[name].append(timed(make))
+      best = {k: min(v, key=lambda r: r["total_s"]) for k, v in runs.items()}
+      for name in list(makers):
+        if name != "full":
+          best[f"{name}_over_full"] = best[name]["total_s"] / best["full"]["total_s"]
+      if "qwix" in best:
+        best["jlora_over_qwix"] = best["jlora"]["total_s"] / best["qwix"]["total_s"]
+      best["all_runs"] = runs
+      result[kind][str(layers)] = best
+      print(f"{kind}, {layers} layers: " + ", ".join(f"{n} {best[n]['total_s']:.1f}s" for n in makers)
+            + ", " + ", ".join(f"{k} {v:.2f}" for k, v in best.items() if k.endswith(("_over_full", "_over_qwix"))),
+            flush=True)
   write_result("compile_time", result)
 
 

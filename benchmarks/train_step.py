@@ -118,7 +118,7 @@ def qwix_step(model, ids):
   is_lora = lambda path, _: str(getattr(path[-1], "key", "")).endswith(("_lora_a", "_lora_b"))
   labels = jax.tree_util.tree_map_with_path(lambda p, x: "lora" if is_lora(p, x) else "frozen", params)
   n_lora = sum(1 for l in jax.tree.leaves(labels) if l == "lora")
-  assert n_lora == 2 * len(ALL_LINEAR) * LLAMA["num_hidden_layers"], n_lora
+  assert n_lora == 2 * len(ALL_LINEAR) * model.config.num_hidden_layers, n_lora
   tx = optax.partition({"lora": optax.adamw(1e-4, weight_decay=0.01), "frozen": optax.set_to_zero()}, labels)
   lora_mask = jax.tree.map(lambda l: l == "lora", labels)
   train = jax.tree.map(lambda t, m: t if m else None, params, lora_mask)

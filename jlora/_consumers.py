@@ -87,8 +87,7 @@ def contract(a, a_labels, b, b_labels, out_labels, *, precision=None):
         ([la.index(l) for l in batch], [lb.index(l) for l in batch]))
   out = lax.dot_general(a, b, dn, precision=precision)
   got = batch + [l for l in la if l not in lb] + [l for l in lb if l not in la]
-  perm = [got.index(l) for l in lo]
-  return out if perm == list(range(len(perm))) else lax.transpose(out, perm)
+  return _transpose(out, [got.index(l) for l in lo])
 
 
 def _expand(t, t_labels, f, f_labels, out_labels, fused: bool, precision=None):
@@ -264,10 +263,13 @@ class _Group:
   rebuild: Any
   fused: bool  # fused expansion for ``dx = dt·A_catᵀ``
 
+  @property
+  def ranks(self) -> list[int]:
+    return [m.rank for m in self.members]
+
 
 def _cat_a(st: _Group, f1s):
-  parts = [f if list(p) == list(range(f.ndim)) else lax.transpose(f, p) for f, p in zip(f1s, st.perms)]
-  return lax.concatenate(parts, st.a_rank)
+  return lax.concatenate([_transpose(f, p) for f, p in zip(f1s, st.perms)], st.a_rank)
 
 
 def _split(x, axis: int, sizes):
@@ -286,7 +288,7 @@ def _group(st: _Group, x, roots, f1s, f2s):
 def _group_fwd(st: _Group, x, roots, f1s, f2s):
   t_all = contract(_cast(x, st.dtype), st.x, _cat_a(st, f1s), st.a, st.t, precision=st.precision)
   ys, ts = [], []
-  for f2, m, t in zip(f2s, st.members, _split(t_all, st.t_rank, [m.rank for m in st.members])):
+  for f2, m, t in zip(f2s, st.members, _split(t_all, st.t_rank, st.ranks)):
     t = _scaled(t, m.scale)
     ys.append(_cast(_expand(t, m.t, f2, m.l2, m.out, m.fused, st.precision), m.out_dtype))
     ts.append(t)
@@ -304,9 +306,8 @@ def _group_bwd(st: _Group, res, dys):
   dt = lax.concatenate(dts, st.t_rank)
   x, _, dt, _ = _late_input(st.rebuild, saved, None, dt)
   df1 = contract(_cast(x, st.dtype), st.x, dt, st.t, st.a, precision=st.precision)
-  df1s = []
-  for d, p in zip(_split(df1, st.a_rank, [m.rank for m in st.members]), st.perms):
-    df1s.append(d if list(p) == list(range(d.ndim)) else lax.transpose(d, [list(p).index(i) for i in range(d.ndim)]))
+  df1s = [_transpose(d, [list(p).index(i) for i in range(d.ndim)])  # each back to its own axis order
+          for d, p in zip(_split(df1, st.a_rank, st.ranks), st.perms)]
   dx = _expand(dt, st.t, _cat_a(st, f1s), st.a, st.x, st.fused, st.precision)
   return _cast(dx, x_dtype.dtype), None, tuple(df1s), tuple(df2s)
 
@@ -488,6 +489,11 @@ def _runtime_one(f):
 
 def _cast(x, dtype):
   return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
+def _transpose(x, perm):
+  """``lax.transpose``, or ``x`` itself for the identity permutation."""
+  return x if list(perm) == list(range(len(perm))) else lax.transpose(x, tuple(perm))
 
 
 def _first(x):

@@ -25,7 +25,7 @@ from jlora.finetune.quantize import quantize_base
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-bnb = pytest.importorskip("bitsandbytes")
+from bnb_reference import bnb  # noqa: E402  (bitsandbytes on its generic CPU path: right on every CPU)
 
 # Few steps, short rows; reproducible=False leaves this process's XLA flags alone. remat: the 4-bit
 # kernels are decoded inside the rematerialised scanned layer.

@@ -20,8 +20,7 @@ pytest.importorskip("transformers")
 import jlora  # noqa: E402
 import jlora.models  # noqa: E402
 
-# Two rows of 12 tokens (ids 3..95: no bos/eos/pad).
-IDS = np.random.default_rng(0).integers(3, families.COMMON["vocab_size"], (2, 12))
+from families import IDS  # noqa: E402,F401  (the tests import it from families)
 
 
 @dataclasses.dataclass
@@ -54,18 +53,3 @@ def family(tmp_path_factory):
     return cache[name]
 
   return get
-
-
-def lora_init(f: Family, config, *, seed: int = 0, scale: float | None = None):
-  """``jlora.init`` (and optionally random non-zero factors) compiled as one program.
-
-  Eagerly, every differently shaped factor compiles its own random-number
-  kernel; one jitted call with XLA's RngBitGenerator keys keeps the tests fast.
-  """
-  from helpers import randomize
-
-  def make(params):
-    lp = jlora.init(jax.random.key(seed, impl="rbg"), params, config, layout=f.model.layout)
-    return lp if scale is None else randomize(lp, jax.random.key(seed + 1, impl="rbg"), scale=scale)
-
-  return jax.jit(make)(f.params)

@@ -53,3 +53,25 @@ def save_torch(model, directory) -> str:
   model.save_pretrained(str(directory), safe_serialization=True)
   assert os.path.exists(os.path.join(str(directory), "model.safetensors"))
   return str(directory)
+
+
+# Two rows of 12 tokens (ids 3..95: no bos/eos/pad).
+IDS = np.random.default_rng(0).integers(3, COMMON["vocab_size"], (2, 12))
+
+
+def lora_init(f, config, *, seed: int = 0, scale: float | None = None):
+  """``jlora.init`` (and optionally random non-zero factors) compiled as one program.
+
+  Eagerly, every differently shaped factor compiles its own random-number
+  kernel; one jitted call with XLA's RngBitGenerator keys keeps the tests fast.
+  """
+  import jax
+
+  import jlora
+  from helpers import randomize
+
+  def make(params):
+    lp = jlora.init(jax.random.key(seed, impl="rbg"), params, config, layout=f.model.layout)
+    return lp if scale is None else randomize(lp, jax.random.key(seed + 1, impl="rbg"), scale=scale)
+
+  return jax.jit(make)(f.params)

@@ -18,11 +18,11 @@ import pytest
 
 import jlora
 import jlora.models
-from conftest import IDS
+from families import IDS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-bnb = pytest.importorskip("bitsandbytes")
+from bnb_reference import bnb  # noqa: E402  (bitsandbytes on its generic CPU path: right on every CPU)
 
 # qwen2: biases, GQA, lm_head; llama3: tied embeddings, llama3 RoPE. hidden 32 / intermediate 48:
 # NF4 blocks of 64 straddle rows (the flat storage layout) in every kernel.

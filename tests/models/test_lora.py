@@ -17,7 +17,7 @@ import transformers
 import jlora
 import jlora.models
 import jlora.peft
-from conftest import IDS, lora_init
+from families import IDS, lora_init
 from families import FAMILIES
 from helpers import oracle_params
 

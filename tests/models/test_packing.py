@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import IDS
+from families import IDS
 
 
 @pytest.mark.parametrize("name", ["mistral", "gemma2"])  # sliding window; soft-capped XLA attention

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jlora.models
-from conftest import IDS
+from families import IDS
 from families import FAMILIES
 
 NAMES = list(FAMILIES)

@@ -11,7 +11,7 @@ import jlora
 from jlora.quant import _blockwise, _codebook
 
 torch = pytest.importorskip("torch")
-F = pytest.importorskip("bitsandbytes.functional")
+from bnb_reference import F  # noqa: E402  (bitsandbytes on its generic CPU path: right on every CPU)
 
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (in, out) JAX kernels: in a multiple of 64 (row layout), in not a multiple of 64 with a partial

@@ -12,7 +12,7 @@ from jlora.quant import _loftq
 from jlora.quant._format import NF4Format
 
 torch = pytest.importorskip("torch")
-bnb = pytest.importorskip("bitsandbytes")
+from bnb_reference import bnb  # noqa: E402  (bitsandbytes on its generic CPU path: right on every CPU)
 loftq_utils = pytest.importorskip("peft.utils.loftq_utils")
 
 

@@ -68,7 +68,13 @@ class TrainCheckpointer:
     quiet_abandoned_reads()  # a failed read's late callbacks would print tracebacks
     try:
       return read()
-    except (ValueError, KeyError, OSError) as e:  # what Orbax/TensorStore raise for bad files
+    except Exception as e:  # noqa: BLE001  (narrowed below)
+      # What Orbax/TensorStore raise for bad files: ValueError, KeyError, OSError (JSON and TensorStore
+      # errors among them) and, for a damaged array file, a bare Exception ("Encountered error while
+      # reading array index ..."): Orbax 0.12 wraps TensorStore's read errors in one. Any other type is
+      # a bug, never a reason to skip a checkpoint.
+      if not isinstance(e, (ValueError, KeyError, OSError)) and type(e) is not Exception:
+        raise
       raise UnreadableCheckpoint(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
   def restore(self, step: int, *, base_params, adapters_template, opt_state_template, rng_template):

@@ -110,7 +110,7 @@ def main() -> int:
   import jlora
   from jlora.finetune import data as data_lib
   from jlora.finetune import model as model_lib
-  from jlora.finetune import train as train_lib
+  from jlora.finetune.tasks.sft import exact_match
   from jlora.finetune.config import DEFAULT_MODEL
 
   loaded = model_lib.load(DEFAULT_MODEL)
@@ -155,7 +155,7 @@ def main() -> int:
     rows = {}
     for label, tree in candidates.items():
       loss, acc = (float(v) for v in token_stats(tree, held_tok.ids, held_tok.attention_mask, held_tok.loss_mask))
-      em, _ = train_lib.exact_match(loaded, tree, held, chat_template=False, max_new_tokens=16)
+      em, _ = exact_match(loaded, tree, held, chat_template=False, max_new_tokens=16)
       rows[label] = {"few_shot_loss": round(float(loss_fn(tree)), 4), "heldout_loss": round(loss, 4),
                      "token_accuracy": round(acc, 4), "exact_match": round(em, 4)}
       print(f"[{name}] {label:>18}: few-shot loss {rows[label]['few_shot_loss']:.4f} | held-out loss {loss:.4f} | "

@@ -1,8 +1,9 @@
 """Fine-tune a causal language model with LoRA: ``jlora-finetune`` / ``python -m jlora.finetune``.
 
-``UserError`` is what ``run`` raises for bad input (data, model directory,
-targets, output directory); the command prints it as one line and exits with
-status 2.
+``run(cfg)`` runs the three stages of ``train.py`` (setup, loop, finish) around a task
+(``jlora.finetune.tasks``: SFT; new objectives plug in there). ``UserError`` is what
+``run`` raises for bad input (data, model directory, targets, output directory); the
+command prints it as one line and exits with status 2.
 
 Example:
   >>> from jlora.finetune import TrainConfig

@@ -77,8 +77,12 @@ class TrainCheckpointer:
         raise
       raise UnreadableCheckpoint(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
-  def restore(self, step: int, *, base_params, adapters_template, opt_state_template, rng_template):
+  def restore(self, step: int, *, base_params, adapters_template, opt_state_template, rng_template,
+              check: Callable[[dict, str], None] | None = None):
     """Returns ``(adapters, opt_state, rng, meta)``; checks base model and LoRA config first.
+
+    ``check(meta, where)`` is called with the checkpoint's metadata before any array is read;
+    it raises to refuse the checkpoint (e.g. ``UserError``: other training options).
 
     Raises:
       UnreadableCheckpoint: the checkpoint's files cannot be read.
@@ -93,6 +97,8 @@ class TrainCheckpointer:
       raise UnreadableCheckpoint("metadata: not a jlora training checkpoint's metadata")
     ck.verify_base(meta, base_params, where=where,
                    fix="Resume with the --model this run was started with, or " + START_FRESH + ".")
+    if check is not None:
+      check(meta, where)
     current = ck.adapter_metadata(adapters_template, base_fingerprint="")["adapters"]
     if meta["adapters"] != current:
       raise ck.AdapterMismatchError(

@@ -190,11 +190,20 @@ def quiet_abandoned_reads() -> None:
     e = unraisable.exc_value
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
       return
+    if _is_failed_array_read(e):  # a sibling read's coroutine, closed with the failed restore
+      return
     previous(unraisable)
 
   hook._jlora_quiet = True
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(_AbandonedTensorStoreRead())
+
+
+def _is_failed_array_read(e: BaseException | None) -> bool:
+  """A TensorStore read of a damaged file, as Orbax reports it: a ValueError naming the store, or
+  the bare Exception Orbax 0.12 wraps it in ("Encountered error while reading array index ...")."""
+  return ((isinstance(e, ValueError) and "tensorstore_spec" in str(e))
+          or (type(e) is Exception and str(e).startswith("Encountered error while reading array index")))
 
 
 class _AbandonedTensorStoreRead:
@@ -204,7 +213,7 @@ class _AbandonedTensorStoreRead:
     e = record.exc_info[1] if record.exc_info else None
     return not (str(record.msg).startswith(("Task exception was never retrieved",
                                             "Future exception was never retrieved"))
-                and isinstance(e, ValueError) and "tensorstore_spec" in str(e))
+                and _is_failed_array_read(e))
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:

@@ -17,12 +17,10 @@ from typing import Any
 
 from jlora._config import _reject_unknown_kwargs
 from jlora.finetune.cli import ArgumentParser, OptionError, UserError, suggest
+from jlora.finetune.options import ASSETS, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_MODEL  # noqa: F401  (re-exported)
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-DEFAULT_MODEL = os.path.join(ASSETS, "tiny-base")
-DEFAULT_DATA = os.path.join(ASSETS, "data", "reverse_words.train.jsonl")
-DEFAULT_EVAL = os.path.join(ASSETS, "data", "reverse_words.eval.jsonl")
 PROG = "jlora-finetune"
+TASKS = ("sft",)  # the training objectives (jlora.finetune.tasks)
 
 
 class _Section:
@@ -77,6 +75,8 @@ class TrainConfig:
     16
   """
 
+  task: str = _DATA("sft", "Training objective: sft (supervised fine-tuning: the completion's tokens are "
+                           "trained on, the prompt's are not).")
   model: str = _DATA("", "Hugging Face causal-LM directory (config.json + safetensors): Llama, Mistral, "
                          "Qwen2/3 and Gemma 2/3 run on the native jlora.models decoder, other "
                          "architectures on transformers 4.x Flax classes; empty = the bundled tiny base.")
@@ -208,7 +208,7 @@ class TrainConfig:
                                                  "with --dora or --init " + self.init)
     if not _init_known(self.init):
       raise OptionError("init", f"must be one of {', '.join(_init_names())}; got {self.init!r}")
-    for name, allowed in (("schedule", _SCHEDULES), ("sharding", _SHARDINGS)):
+    for name, allowed in (("schedule", _SCHEDULES), ("sharding", _SHARDINGS), ("task", TASKS)):
       if getattr(self, name) not in allowed:
         raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
     if self.quantize not in _QUANTIZE:
@@ -236,22 +236,55 @@ class TrainConfig:
       except re.error as e:
         raise OptionError(name, f"is not a valid regex ({e}): {getattr(self, name)!r}") from None
 
-  @property
-  def model_dir(self) -> str:
-    return self.model or DEFAULT_MODEL
-
-  @property
-  def data_path(self) -> str:
-    return self.data or DEFAULT_DATA
-
-  @property
-  def eval_path(self) -> str:
-    if self.eval_data:
-      return self.eval_data
-    return DEFAULT_EVAL if not self.data else ""
-
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+# Options a resumed run may change: how it runs, logs, evaluates by generation and where it writes,
+# never what it trains on or how it optimises. Every other option must equal the checkpoint's
+# (``resume_conflicts``). The base itself is checked by its weights' fingerprint, not its path.
+RESUME_MAY_DIFFER = frozenset({
+    "model",  # the same weights may live elsewhere now (fingerprint-checked)
+    "remat", "mesh", "sharding", "coordinator", "num_processes", "process_id", "reproducible",
+    "log_every", "eval_every", "save_every", "keep_checkpoints", "progress", "memory_report",
+    "eval_exact_match", "max_new_tokens", "save_merged", "output_dir",
+})
+
+
+def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """The options that change a run's result and differ from those a checkpoint was written with.
+
+  Args:
+    saved: the checkpoint's ``train_config`` (``TrainConfig.to_dict()`` of the run that wrote it).
+    current: this run's, likewise.
+
+  Returns:
+    One ``"--flag OLD (now NEW)"`` per differing option, in ``--help`` order; empty when
+    the run may continue. Options a newer jlora added (absent from ``saved``) count as their
+    default.
+
+  Example:
+    >>> from jlora.finetune.config import TrainConfig, resume_conflicts
+    >>> saved = TrainConfig(epochs=5, log_every=1).to_dict()
+    >>> resume_conflicts(saved, TrainConfig(epochs=10, log_every=50).to_dict())
+    ['--epochs 5.0 (now 10.0)']
+  """
+  out = []
+  for name, f in _fields().items():
+    if name in RESUME_MAY_DIFFER:
+      continue
+    old, new = saved.get(name, f.default), current.get(name, f.default)
+    if old != new:
+      out.append(f"{_flag(name)} {_shown(old)} (now {_shown(new)})")
+  return out
+
+
+def _shown(v: Any) -> str:
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  if isinstance(v, str):
+    return repr(v) if v else "'' (the default)"
+  return str(v)
 
 
 def _check_type(name: str, value: Any, want: type) -> None:

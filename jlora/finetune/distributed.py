@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from jlora.finetune.config import TrainConfig
+from jlora import sharding
+from jlora.finetune.options import ModelOptions, ProcessOptions
 
 _initialized = False
 
@@ -24,7 +25,7 @@ def _multihost_tpu_env() -> bool:
   return len([h for h in hosts.split(",") if h.strip()]) > 1
 
 
-def initialize(cfg: TrainConfig) -> None:
+def initialize(cfg: ProcessOptions) -> None:
   """Calls ``jax.distributed.initialize`` when the run spans several processes.
 
   ``--coordinator HOST:PORT`` (with ``--num-processes``/``--process-id``) is explicit;
@@ -44,21 +45,17 @@ def initialize(cfg: TrainConfig) -> None:
   _initialized = True
 
 
-def make_mesh(cfg: TrainConfig):
+def make_mesh(cfg: ModelOptions):
   """The device mesh of the run (``--mesh``; all devices on ``fsdp``), or None on one device."""
   if jax.device_count() == 1 and not cfg.mesh:
     return None
-  from jlora import sharding
-
   return sharding.make_mesh(cfg.mesh)
 
 
-def place(params: Any, cfg: TrainConfig, mesh) -> Any:
+def place(params: Any, cfg: ModelOptions, mesh) -> Any:
   """Puts a base parameter tree onto ``mesh`` with the configured sharding preset (identity without one)."""
   if mesh is None:
     return params
-  from jlora import sharding
-
   specs = sharding.partition_specs(params, sharding.preset_rules(cfg.sharding, mesh))
   return sharding.put(params, specs, mesh)
 
@@ -71,8 +68,6 @@ def init_adapters(key, base_params, lora_cfg: jlora.LoraConfig, layout, mesh, *,
   it (a residual or quantized base); it then runs on the base arrays, and on a mesh the factors
   are placed with the shardings derived from their kernels afterwards.
   """
-  from jlora import sharding
-
   if from_values:
     # Eager: kernel by kernel (one XLA:CPU program holding all the kernels' QR decompositions of
     # OLoRA hung in jax 0.10.2; each init method jits its own decomposition anyway).
@@ -119,8 +114,6 @@ def global_batch(local: dict, mesh) -> dict:
   """This process's rows of the batch -> one global array sharded over the data axes."""
   if mesh is None:
     return jax.tree.map(jnp.asarray, local)
-  from jlora import sharding
-
   return sharding.batch_from_process_local(local, mesh)
 
 

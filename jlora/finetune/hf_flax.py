@@ -23,6 +23,8 @@ import numpy as np
 
 import jlora
 import jlora.models
+from jlora.finetune.loaded import (LoadedModel, MissingWeightsError, UnsupportedModelError, _quiet_transformers,
+                                   model_type_of)
 from jlora.peft import ModuleMap
 
 
@@ -116,8 +118,6 @@ def generate_ids(model, params, prompts: Sequence[Sequence[int]], *, eos_id: int
 
 def load(model_dir: str, *, bf16: bool, remat: bool, tokenizer: Any, model_id: str):
   """A ``LoadedModel`` running transformers' Flax class for ``model_dir`` (Flax or PyTorch weights)."""
-  from jlora.finetune.model import LoadedModel, _quiet_transformers, model_type_of
-
   _quiet_transformers()
   model_type = model_type_of(model_dir)
   try:
@@ -129,7 +129,7 @@ def load(model_dir: str, *, bf16: bool, remat: bool, tokenizer: Any, model_id: s
   if auto is None:
     import transformers
 
-    raise ValueError(
+    raise UnsupportedModelError(
         f"--model {model_dir!r}: model_type {model_type!r} is not one of jlora.models' native families "
         f"({', '.join(jlora.models.SUPPORTED_MODEL_TYPES)}), and transformers {transformers.__version__} has no "
         "Flax classes to fall back on (they exist in transformers 4.x only).")
@@ -148,7 +148,7 @@ def load(model_dir: str, *, bf16: bool, remat: bool, tokenizer: Any, model_id: s
   except ValueError as e:
     if "Unrecognized configuration class" not in str(e):
       raise
-    raise ValueError(f"--model {model_dir!r}: model_type {model_type!r} is supported neither natively "
+    raise UnsupportedModelError(f"--model {model_dir!r}: model_type {model_type!r} is supported neither natively "
                      f"({', '.join(jlora.models.SUPPORTED_MODEL_TYPES)}) nor by a transformers Flax class.") from None
   if fresh:  # transformers initialised these at random (and would only have warned)
     raise MissingWeightsError(
@@ -158,10 +158,6 @@ def load(model_dir: str, *, bf16: bool, remat: bool, tokenizer: Any, model_id: s
   if bf16:
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   return _finish(model, params, tokenizer, model_id, model_type)
-
-
-class MissingWeightsError(ValueError):
-  """A base checkpoint without some of the model's weights (never trained on silently)."""
 
 
 @contextlib.contextmanager
@@ -202,8 +198,6 @@ def _from_pretrained(auto, model_dir, from_pt, kwargs):
 
 def _finish(model, params, tokenizer, model_id: str, model_type: str):
   """The ``LoadedModel`` of a transformers Flax model and its parameters."""
-  from jlora.finetune.model import LoadedModel
-
   def forward(p, ids, attention_mask, segment_ids=None):
     del segment_ids  # transformers' Flax models cannot separate packed examples
     return model(ids, attention_mask=attention_mask, params=p).logits
@@ -223,6 +217,9 @@ def _finish(model, params, tokenizer, model_id: str, model_type: str):
     model.save_pretrained(directory, params=params)  # Flax weights
     hf_lib.save_pretrained_torch(directory, params, model.config)  # + PyTorch safetensors
 
+  config = model.config
+  max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
   return LoadedModel(model=model, params=params, tokenizer=tokenizer, model_id=model_id, forward=forward,
                      layout=layout, module_map=ModuleMap.for_model_type(model_type), model_type=model_type,
-                     native=False, _generate=generate, _save=save)
+                     expand_targets=functools.partial(resolve_targets, layout=layout),
+                     max_positions=max_positions, native=False, _generate=generate, _save=save)

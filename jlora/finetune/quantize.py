@@ -23,7 +23,9 @@ import jax
 
 import jlora
 from jlora._tree import leaves_with_paths
+from jlora.finetune import distributed
 from jlora.finetune.cli import UserError
+from jlora.finetune.options import ModelOptions
 from jlora.quant._weight import is_nf4
 
 Params = Any
@@ -67,7 +69,7 @@ def describe(params: Params, *, source: str) -> dict[str, Any] | None:
           "bits_per_parameter": round(jlora.quant.storage_bits(nodes), 4)}
 
 
-def quantize_base(cfg, base_params: Params, layout: Mapping[str, jlora.KernelLayout], mesh, *, model_id: str
+def quantize_base(cfg: ModelOptions, base_params: Params, layout: Mapping[str, jlora.KernelLayout], mesh, *, model_id: str
                   ) -> tuple[Params, dict[str, Any] | None]:
   """The base to train on (4-bit with ``--quantize``) and its description (``describe``).
 
@@ -96,7 +98,5 @@ def quantize_base(cfg, base_params: Params, layout: Mapping[str, jlora.KernelLay
   except ValueError as e:  # jlora.quantize's checks of this model's kernels
     raise UserError(f"--quantize {cfg.quantize} on {model_id}: {e}") from None
   if mesh is not None:  # the stored arrays sharded like their kernels, by the run's preset
-    from jlora.finetune import distributed
-
     qparams = distributed.place(qparams, cfg, mesh)
   return qparams, describe(qparams, source="--quantize")

@@ -62,12 +62,42 @@ def check(out: str, *, resume: bool, overwrite: bool) -> None:
   """
   if os.path.exists(out) and not os.path.isdir(out):
     raise UserError(f"--output-dir {out!r} is a file; give a directory")
+  parent = out
+  while not os.path.exists(parent):  # the nearest existing ancestor must be a directory
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f"--output-dir {out!r}: {parent!r} is a file, not a directory; give another --output-dir")
   steps = checkpoint_steps(out)
   if steps and not resume and not overwrite:
     raise UserError(
         f"--output-dir {out} already holds checkpoints of an earlier run (step {steps[0]}); --no-resume would "
         "train from scratch and then clash with them. Give a new --output-dir, or pass --overwrite to delete "
         "that run's checkpoints and outputs, or drop --no-resume to continue it.")
+
+
+def make(out: str) -> None:
+  """Creates ``out`` (and its parents) and checks that files can be written in it.
+
+  Raises:
+    UserError: ``out`` cannot be created or written to (a read-only file system, no permission,
+      a file in the way); the message names the directory and the error.
+
+  Example:
+    >>> import os, tempfile
+    >>> from jlora.finetune.rundir import make
+    >>> out = os.path.join(tempfile.mkdtemp(), "a", "run")
+    >>> make(out); os.path.isdir(out)
+    True
+  """
+  try:
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, f".jlora-write-test-{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--output-dir {out!r}: cannot write there ({type(e).__name__}: {e.strerror or e}); give a "
+                    "directory you can write to") from None
 
 
 def clear(out: str) -> list[str]:

@@ -95,7 +95,8 @@ def test_a_checkpoint_missing_a_weight_is_refused(tmp_path):
   import transformers
   from safetensors.torch import load_file, save_file
 
-  from jlora.finetune import train as train_lib
+  from jlora.finetune.options import ModelOptions, group
+  from jlora.finetune.setup import load_model
   from jlora.finetune.cli import UserError
 
   d = tmp_path / "gpt2"
@@ -107,4 +108,4 @@ def test_a_checkpoint_missing_a_weight_is_refused(tmp_path):
   for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     shutil.copy(os.path.join(DEFAULT_MODEL, f), str(d / f))
   with pytest.raises(UserError, match=r"lacks transformer/h/0/mlp/c_fc/kernel; transformers would initialise"):
-    train_lib._load_model(TrainConfig(model=str(d), output_dir=str(tmp_path / "out")))
+    load_model(group(TrainConfig(model=str(d), output_dir=str(tmp_path / "out")), ModelOptions))

@@ -53,18 +53,15 @@ def test_a_failure_before_training_removes_the_directory_it_created(tmp_path, mo
   import pytest
 
   from jlora.finetune import TrainConfig, run
-  from jlora.finetune import train as train_lib
+  from jlora.finetune.tasks import SFT
 
   out = [tmp_path / "run"]
 
-  def broken_eval(forward):
-    def evaluate(*args, **kwargs):
-      assert out[0].is_dir()  # the run had created its directory
-      raise RuntimeError("a bug in the eval")
+  def broken_eval(self, params):
+    assert out[0].is_dir()  # the run had created its directory
+    raise RuntimeError("a bug in the eval")
 
-    return evaluate
-
-  monkeypatch.setattr(train_lib, "make_eval", broken_eval)
+  monkeypatch.setattr(SFT, "evaluate", broken_eval)
   cfg = TrainConfig(output_dir=str(tmp_path / "run"), eval_data=small_eval, steps=2, batch_size=4, max_seq_len=32,
                     eval_exact_match=-1, progress=False, reproducible=False)
   with pytest.raises(RuntimeError, match="a bug in the eval"):  # bugs are not user errors: they propagate

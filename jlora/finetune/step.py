@@ -1,0 +1,65 @@
+"""The jitted train step of any task: gradient accumulation, the variant's regularizer, the optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jlora
+
+Params = Any
+# (params, micro_batch, key) -> (total, count, metrics): a task's loss (jlora.finetune.tasks.base.Task.loss)
+LossFn = Callable[[Params, dict, Any], tuple[jax.Array, jax.Array, dict]]
+
+
+def make_train_step(loss: LossFn, tx: optax.GradientTransformation, *, remat: bool, use_dropout: bool,
+                    regularizer: Callable[[Params], jax.Array] | None = None, shardings=None) -> Callable:
+  """The jitted step ``(adapters, opt_state, frozen, batch, key) -> (adapters, opt_state, loss, grad_norm,
+  metrics)``.
+
+  ``batch`` holds ``grad_accum`` micro-batches on its leading axis; their gradients are summed
+  and divided by the summed ``count`` (so the step's loss is ``Σ total / Σ count`` whatever the
+  split). ``regularizer(adapters)`` (AdaLoRA's orthogonality) is added to the mean loss.
+  ``remat`` checkpoints each micro-batch's whole loss (models that cannot rematerialise per
+  layer themselves). ``shardings``: those of ``(adapters, opt_state)``, kept by the outputs so
+  that the step compiles once.
+  """
+
+  def micro_loss(adapters, frozen, mb, key):
+    total, count, metrics = loss(jlora.combine(adapters, frozen), mb, key)
+    if regularizer is not None:  # per unit of count, so that the step's mean gets it once
+      total = total + regularizer(adapters) * count
+    return total, (count, metrics)
+
+  if remat:
+    micro_loss = jax.checkpoint(micro_loss, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+  def step(adapters, opt_state, frozen, batch, key):
+    accum = jax.tree.leaves(batch)[0].shape[0]
+    keys = jax.random.split(key, accum)
+
+    def micro(carry, xs):
+      g_acc, l_acc, n_acc, m_acc = carry
+      mb, k = xs
+      (l, (n, m)), g = jax.value_and_grad(micro_loss, has_aux=True)(adapters, frozen, mb,
+                                                                      k if use_dropout else None)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n, jax.tree.map(jnp.add, m_acc, m)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, adapters)
+    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        lambda: micro_loss(adapters, frozen, jax.tree.map(lambda x: x[0], batch), None)[1][1]))
+    (g, loss_sum, n, m), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, metric_zeros), (batch, keys))
+    n = jnp.maximum(n, 1.0)
+    g = jax.tree.map(lambda x: x / n, g)
+    updates, opt_state = tx.update(g, opt_state, adapters)
+    return (optax.apply_updates(adapters, updates), opt_state, loss_sum / n, optax.tree.norm(g),
+            jax.tree.map(lambda x: x / n, m))
+
+  if shardings is None:
+    return jax.jit(step, donate_argnums=(0, 1))
+  replicated = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, replicated, replicated, replicated))

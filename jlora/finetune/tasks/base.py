@@ -1,0 +1,106 @@
+"""The contract between the training loop and a training objective (a *task*).
+
+A task owns everything that depends on the objective: reading and tokenizing its
+records, the batch of each step, the loss, and the held-out metrics. The stages
+around it (``setup``, ``loop``, ``finish``) own the rest: the model, the adapters,
+the optimizer, the checkpoints, the output directory. A new objective (DPO, KTO,
+GRPO, ...) is one new ``Task`` subclass registered in ``jlora.finetune.tasks``;
+nothing in the loop changes.
+
+What the loop asks of a task, in order:
+
+1. ``prepare(ctx)`` once, before anything is written: read and check the data
+   (a ``DataError`` names the file and line), tokenize it.
+2. ``steps_per_epoch`` to size the run.
+3. ``batch(step)`` at every step: this process's rows of the step, every array
+   shaped ``(grad_accum, rows, ...)``. It depends only on ``step`` (and the task's
+   options), so that a resumed run sees the same batches.
+4. ``loss(params, micro_batch, key)`` inside the jitted step, once per micro-batch:
+   ``(total, count, metrics)``. The step's loss is ``Σ total / Σ count`` over the
+   micro-batches, and every entry of ``metrics`` (sums over the same units) is
+   divided by ``Σ count`` too. ``params`` is the full LoRA tree; the gradient is
+   taken with respect to its adapters. ``key`` is None when no dropout is on.
+5. ``evaluate(params)`` every ``eval_every`` steps and before and after training:
+   held-out metrics, ``eval_loss`` first.
+6. ``generation_eval(params)`` before and after training, on the main process:
+   metrics that need generation (exact match) and example rows; may return
+   ``({}, [])``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+from jlora.finetune.options import BatchOptions, DataOptions, EvalOptions
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+  """What a task may use of the run: the model, its tokenizer, the processes, and how to talk."""
+
+  loaded: Any  # jlora.finetune.model.LoadedModel
+  say: Callable[[str], None]  # prints on the main process only
+  process_index: int = 0
+  process_count: int = 1
+
+  @property
+  def tokenizer(self) -> Any:
+    return self.loaded.tokenizer
+
+
+class Task(abc.ABC):
+  """A training objective: its data, batches, loss and metrics (see the module docstring)."""
+
+  name: ClassVar[str]
+
+  def __init__(self, data: DataOptions, batch: BatchOptions, evaluation: EvalOptions):
+    self.data_options = data
+    self.batch_options = batch
+    self.eval_options = evaluation
+
+  @abc.abstractmethod
+  def prepare(self, ctx: TaskContext) -> None:
+    """Reads, checks and tokenizes the data.
+
+    Raises:
+      jlora.finetune.data.DataError: bad data (the message names the file and line).
+    """
+
+  @property
+  @abc.abstractmethod
+  def steps_per_epoch(self) -> int:
+    """Optimizer steps in one pass over the training data."""
+
+  @abc.abstractmethod
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's part of step ``step``'s batch, each array ``(grad_accum, rows, ...)``."""
+
+  @abc.abstractmethod
+  def loss(self, params: Params, batch: dict[str, jax.Array], key: jax.Array | None
+           ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``(total, count, metrics)`` of one micro-batch (traced inside the jitted step)."""
+
+  @abc.abstractmethod
+  def evaluate(self, params: Params) -> dict[str, float]:
+    """Held-out metrics of ``params`` (a LoRA tree or plain base parameters), ``eval_loss`` first."""
+
+  def generation_eval(self, params: Params) -> tuple[dict[str, float], list[dict]]:
+    """Metrics that need generation, and example rows (``eval_examples.jsonl``); main process only."""
+    del params
+    return {}, []
+
+  def describe(self) -> dict[str, Any]:
+    """What the run summary records about the task's data."""
+    return {"task": self.name}
+
+  def fingerprint(self) -> str:
+    """A digest of the training data as the loss sees it (tokens and masks); checked on resume."""
+    return ""

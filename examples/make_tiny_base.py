@@ -50,8 +50,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer)
+  # A causal LM reads no token_type_ids: without this, tok(text, return_tensors="pt") passes them to
+  # transformers' generate(), which refuses them.
   return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
-                                 unk_token=EOS)
+                                 unk_token=EOS, model_input_names=["input_ids", "attention_mask"])
 
 
 def main():

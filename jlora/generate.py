@@ -35,7 +35,7 @@ import jlora
 
 
 def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
-                  seed: int = 0, adapter_ids: Sequence[int] | None = None) -> list[str]:
+                  seed: int = 0, adapter_ids: Sequence[int] | None = None, chat_template: bool = False) -> list[str]:
   """Text in, text out, for a ``jlora.finetune.model.LoadedModel`` (adapters served unmerged).
 
   Args:
@@ -44,6 +44,8 @@ def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int
     prompts: the prompt texts.
     max_new_tokens, temperature, seed: as ``LoadedModel.generate``.
     adapter_ids: with a bank, each prompt's slot (``-1``: the base); one batch.
+    chat_template: each prompt as one user turn of the tokenizer's chat template (as
+      ``jlora-finetune --chat-template`` trained it), followed by the assistant's header.
 
   Returns:
     The continuation of each prompt.
@@ -60,7 +62,12 @@ def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int
     True
   """
   tok = loaded.tokenizer
-  ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+  if chat_template:
+    from jlora.finetune.data import chat_prompt_ids  # (deferred like every jlora.finetune import here: fast --help)
+
+    ids = [chat_prompt_ids(tok, p) for p in prompts]
+  else:
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
   kw = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
   out = loaded.generate(params, ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, **kw)
   return [tok.decode(o, skip_special_tokens=True) for o in out]
@@ -152,7 +159,7 @@ def _adapter_info(path: str, kind: str) -> dict:
       from jlora import peft as peft_lib
 
       base = peft_lib.read_config(path).get("base_model_name_or_path") or ""
-      return {"model_dir": base, "base_model": base, "bf16": None}
+      return {"model_dir": base, "base_model": base, "bf16": None, "chat_template": None}
     meta = jlora.read_adapter_metadata(path)
   except user_error_types():  # already says what and where (e.g. an unsupported PEFT feature)
     raise
@@ -160,7 +167,8 @@ def _adapter_info(path: str, kind: str) -> dict:
     raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
   train_config = meta.get("train_config") or {}
   return {"model_dir": meta.get("base_model_dir") or meta.get("base_model") or "",
-          "base_model": meta.get("base_model") or "", "bf16": train_config.get("bf16")}
+          "base_model": meta.get("base_model") or "", "bf16": train_config.get("bf16"),
+          "chat_template": train_config.get("chat_template")}
 
 
 def _load_any_adapter(path: str, kind: str, loaded, *, check_base: bool = True):
@@ -197,6 +205,9 @@ def _parser():
   ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                   help="Load the base in bfloat16 (default: as the first jlora adapter was trained, else "
                        "float32). The base fingerprint check needs the dtype the adapter was trained on.")
+  ap.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                  help="Format each prompt as a user turn of the tokenizer's chat template, followed by the "
+                       "assistant's header (default: as the first jlora adapter was trained, else no).")
   ap.add_argument("--merged", action=argparse.BooleanOptionalAction, default=True,
                   help="Also generate with each adapter merged into the base (one generation per adapter; "
                        "default: true), a check of the batched low-rank outputs; --no-merged serves only "
@@ -248,7 +259,12 @@ def _main(argv: Sequence[str] | None) -> int:
       raise
     except (OSError, ValueError) as e:  # Orbax / safetensors reading damaged files
       raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
-  kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+  chat = args.chat_template if args.chat_template is not None else bool(infos and infos[0]["chat_template"])
+  if chat:
+    print("prompts: formatted with the tokenizer's chat template "
+          + ("(--chat-template)" if args.chat_template else "(as the first adapter was trained; --no-chat-template "
+                                                            "sends them as they are)"))
+  kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, chat_template=chat)
 
   def show(label: str, texts: Sequence[str]) -> None:
     for prompt, text in zip(args.prompt, texts):

@@ -122,14 +122,30 @@ class Tokenized:
 def encode(tokenizer, record: Record, *, chat_template: bool) -> tuple[list[int], list[int]]:
   """Token ids of one record and its loss mask (1 on completion tokens and the final EOS)."""
   if chat_template:
-    if not getattr(tokenizer, "chat_template", None):
-      raise DataError("--chat-template: this model's tokenizer has no chat template; drop --chat-template")
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": record.prompt}],
-                                               add_generation_prompt=True, tokenize=True)
+    prompt_ids = chat_prompt_ids(tokenizer, record.prompt)
   else:
     prompt_ids = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else []
   completion_ids = tokenizer(record.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
   return list(prompt_ids) + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+  """``prompt`` as one user turn in the tokenizer's chat template, ready for the assistant's answer.
+
+  Works with transformers 4.57 and 5.x (whose ``apply_chat_template(tokenize=True)`` returns a
+  ``BatchEncoding``): the ids are read from the returned mapping.
+
+  Raises:
+    DataError: the tokenizer has no chat template, or jinja2 (which renders templates) is missing.
+  """
+  if not getattr(tokenizer, "chat_template", None):
+    raise DataError("--chat-template: this model's tokenizer has no chat template; drop --chat-template")
+  try:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)
+  except ImportError as e:  # transformers renders templates with jinja2 (jlora's [hf] extra installs it)
+    raise DataError(f"--chat-template: {e}; install it with: pip install jinja2") from None
+  return [int(i) for i in out["input_ids"]]
 
 
 def tokenize(records: Sequence[Record], tokenizer, *, max_len: int, pack: bool = False,

@@ -24,6 +24,10 @@ def files(tmp_path):
   (tmp_path / "bad.jsonl").write_text(GOOD_LINE + "\n{not json\n")
   (tmp_path / "learning_rate.toml").write_text("learning_rate = 1e-4\n")
   (tmp_path / "typed.toml").write_text('rank = "8"\n')
+  phi3 = tmp_path / "phi3"  # a model family neither jlora.models nor a transformers Flax class runs
+  shutil.copytree(DEFAULT_MODEL, phi3)
+  config = json.loads((phi3 / "config.json").read_text())
+  (phi3 / "config.json").write_text(json.dumps({**config, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
   return tmp_path
 
 
@@ -43,6 +47,9 @@ FINETUNE_CASES = {
                                                                         "got str '8'"]),
     "unknown flag": (["--learning-rate", "1e-4"], ["unknown option --learning-rate; did you mean --lr?"]),
     "no model directory": (["--model", "{d}/no-model"], ["--model", "no-model", "is not a directory"]),
+    "unsupported model type": (["--model", "{d}/phi3"], ["--model", "phi3", "model_type 'phi3'", "llama"]),
+    "longer than the model's positions": (["--max-seq-len", "4096"], [
+        "--max-seq-len 4096 exceeds", "256 positions", "max_position_embeddings", "--max-seq-len 256 or less"]),
 }
 
 
@@ -53,6 +60,15 @@ def test_finetune_user_errors_are_one_line(case, files):
   res = finetune(*[a.format(d=files) for a in args], "--output-dir", str(out))
   assert_user_error(res, "jlora-finetune", *fragments)
   assert not out.exists()  # a run that fails before training leaves no output directory behind
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_output_dir_that_cannot_be_written_is_one_line(where, files):
+  # (as root, permissions do not stop a write: a path under a file, and /proc, stop everyone)
+  out = files / "empty.jsonl" / "run" if where == "file" else f"/proc/jlora-test-{os.getpid()}/run"
+  res = finetune("--output-dir", str(out), "--steps", "1")
+  assert_user_error(res, "jlora-finetune", "--output-dir", "give another --output-dir" if where == "file"
+                    else "cannot write there")
 
 
 def test_generate_user_errors_are_one_line(tmp_path):

@@ -109,3 +109,19 @@ def test_a_checkpoint_missing_a_weight_is_refused(tmp_path):
     shutil.copy(os.path.join(DEFAULT_MODEL, f), str(d / f))
   with pytest.raises(UserError, match=r"lacks transformer/h/0/mlp/c_fc/kernel; transformers would initialise"):
     load_model(group(TrainConfig(model=str(d), output_dir=str(tmp_path / "out")), ModelOptions))
+
+
+def test_the_bundled_tokenizer_and_a_merged_directory_feed_transformers_generate(tmp_path):
+  """``generate(**tok(text, return_tensors="pt"))`` on the merged directory: the bundled tokenizer
+  returns no token_type_ids (a causal LM reads none, and transformers' generate refuses them)."""
+  import torch  # noqa: F401
+  import transformers
+
+  loaded = model_lib.load(DEFAULT_MODEL)
+  merged = loaded.save_pretrained(str(tmp_path / "merged"), loaded.params)
+  tok = transformers.AutoTokenizer.from_pretrained(merged)
+  enc = tok("Reverse the words: a b c\nAnswer:", return_tensors="pt")
+  assert sorted(enc) == ["attention_mask", "input_ids"]
+  model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+  out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+  assert out.shape[0] == 1 and enc["input_ids"].shape[1] < out.shape[1] <= enc["input_ids"].shape[1] + 3

@@ -17,6 +17,7 @@ from typing import Any
 
 from jlora._config import _reject_unknown_kwargs
 from jlora.finetune.cli import ArgumentParser, OptionError, UserError, suggest
+from jlora.finetune.metrics import REPORT_TO
 from jlora.finetune.options import ASSETS, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_MODEL  # noqa: F401  (re-exported)
 
 PROG = "jlora-finetune"
@@ -164,7 +165,10 @@ class TrainConfig:
   max_new_tokens: int = _OUTPUT(16, "Longest generation when scoring exact match.")
   save_merged: bool = _OUTPUT(False, "Also write the merged model as a Hugging Face directory "
                                      "(output_dir/merged, safetensors loadable by transformers).")
-  progress: bool = _OUTPUT(True, "Show a progress bar.")
+  progress: bool = _OUTPUT(True, "Show a progress bar (without it, each logged step prints a line).")
+  report_to: str = _OUTPUT("none", "Also send the logged metrics to: tensorboard (event files in "
+                                   "output_dir/tensorboard), wandb (Weights & Biases; WANDB_* variables apply), "
+                                   "both (tensorboard,wandb), or none. metrics.jsonl is always written.")
   memory_report: bool = _OUTPUT(False, "Before training, print this run's train-step memory by category "
                                        "(frozen and trained weights, gradients, optimizer state, "
                                        "activations) for full fine-tuning, LoRA, DoRA and QLoRA, from XLA's "
@@ -226,6 +230,10 @@ class TrainConfig:
       raise OptionError("eval_exact_match", f"must be >= -1 (0 = all, -1 = none), got {self.eval_exact_match}")
     if self.process_id >= self.num_processes:
       raise OptionError("process_id", f"must be < num_processes ({self.num_processes}), got {self.process_id}")
+    bad = [r for r in self.report_to.split(",") if r not in (*REPORT_TO, "none")] if self.report_to else ["''"]
+    if bad:
+      raise OptionError("report_to", f"must be none or a comma-separated list of {', '.join(REPORT_TO)}; got "
+                                     f"{self.report_to!r}")
     if not self.output_dir:
       raise OptionError("output_dir", "must not be empty")
     if not self.targets:
@@ -246,7 +254,7 @@ class TrainConfig:
 RESUME_MAY_DIFFER = frozenset({
     "model",  # the same weights may live elsewhere now (fingerprint-checked)
     "remat", "mesh", "sharding", "coordinator", "num_processes", "process_id", "reproducible",
-    "log_every", "eval_every", "save_every", "keep_checkpoints", "progress", "memory_report",
+    "log_every", "eval_every", "save_every", "keep_checkpoints", "progress", "memory_report", "report_to",
     "eval_exact_match", "max_new_tokens", "save_merged", "output_dir",
 })
 

@@ -20,7 +20,7 @@ import jax
 
 import jlora
 from jlora.finetune import distributed
-from jlora.finetune.metrics import MetricsLog
+from jlora.finetune.metrics import Reporters
 from jlora.finetune.options import LoopOptions
 from jlora.finetune.setup import Run
 
@@ -79,8 +79,8 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
   """
   task, mesh = run.task, run.mesh
   adapters, opt_state = run.adapters, run.opt_state
-  log = MetricsLog(os.path.join(run.out, "metrics.jsonl"), enabled=run.main_process)
-  log.truncate_after(run.start)
+  log = Reporters(run.out, o.reporters, start_step=run.start, config=run.run_info["train_config"],
+                  enabled=run.main_process)
   bar = None
   if o.progress and run.main_process:
     from tqdm import tqdm
@@ -122,8 +122,10 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
         if bar is not None:
           bar.close()
         say(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume.")
+        log.close()
         sys.exit(PREEMPTED_EXIT_CODE)
   if bar is not None:
     bar.close()
+  log.close()
   run.checkpointer.wait()
   return adapters, opt_state

@@ -17,7 +17,7 @@ group              options                                               read by
 ``BatchOptions``   batch_size, grad_accum, seed                          the task, setup
 ``EvalOptions``    eval_exact_match, max_new_tokens                      the task
 ``LoopOptions``    log_every, eval_every, save_every, keep_checkpoints,  the loop
-                   progress
+                   progress, report_to
 ``OutputOptions``  output_dir, save_merged, memory_report                setup, finish
 ``ProcessOptions`` coordinator, num_processes, process_id, reproducible  ``run`` (before JAX starts)
 =================  ====================================================  =======================
@@ -138,6 +138,11 @@ class LoopOptions:
   save_every: int
   keep_checkpoints: int
   progress: bool
+  report_to: str
+
+  @property
+  def reporters(self) -> tuple[str, ...]:
+    return tuple(r for r in self.report_to.split(",") if r and r != "none")
 
 
 @_frozen

@@ -20,7 +20,7 @@ CHECKPOINTS = "checkpoints"
 UNREADABLE = "checkpoints.unreadable"  # unreadable checkpoints are moved here, not deleted
 # Everything a run writes into its output directory (what --overwrite deletes).
 RUN_OUTPUTS = (CHECKPOINTS, UNREADABLE, "adapter", "peft", "merged", "metrics.jsonl", "baseline.json",
-               "summary.json", "loss_curve.png", "eval_examples.jsonl")
+               "summary.json", "loss_curve.png", "eval_examples.jsonl", "tensorboard", "wandb", "wandb-run-id")
 
 
 def checkpoint_steps(out: str) -> list[int]:

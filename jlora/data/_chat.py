@@ -101,7 +101,8 @@ class _Conversation:
 
   def template_error(self, e: TemplateFailure) -> DataError:
     if e.upto == 0:
-      return self.error(0, f"the template cannot render the empty conversation before it ({e})",
+      return self.error(0, "an assistant turn that opens the conversation has no prompt to render before it "
+                        "(transformers renders no empty conversation)",
                         "start the conversation with a user (or system) message")
     turn = e.upto - 1
     if not e.generation_prompt and e.upto == len(self.msgs):  # the whole conversation: find the first bad turn

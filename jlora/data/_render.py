@@ -41,8 +41,9 @@ def _template_errors() -> tuple[type[Exception], ...]:
     import jinja2
   except ImportError as e:  # transformers renders templates with jinja2 (jlora's [hf] extra installs it)
     raise DataError(f"chat templates need jinja2 ({e}); install it with: pip install jinja2") from None
-  # A template's raise_exception() and its undefined names raise TemplateError; "+" on None raises TypeError.
-  return (jinja2.TemplateError, TypeError)
+  # A template's raise_exception() and its undefined names raise TemplateError; "+" on None raises
+  # TypeError; an index or key the data lacks raises a LookupError.
+  return (jinja2.TemplateError, TypeError, LookupError)
 
 
 def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], upto: int, *, generation_prompt: bool,
@@ -53,6 +54,8 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], upto: int, *, 
     TemplateFailure: the template raised (the caller names the record and turn).
   """
   errors = _template_errors()
+  if upto == 0:  # transformers renders no empty conversation
+    raise TemplateFailure(ValueError("an empty conversation cannot be rendered"), 0, generation_prompt)
   try:
     return tokenizer.apply_chat_template(list(messages[:upto]), tools=list(tools) if tools else None,
                                          tokenize=False, add_generation_prompt=generation_prompt,

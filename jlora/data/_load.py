@@ -32,8 +32,8 @@ def read_sft(paths: str | Sequence[str], *, option: str = "--data", skip_bad: bo
     >>> path = os.path.join(tempfile.mkdtemp(), "d.jsonl")
     >>> _ = open(path, "w").write(json.dumps({"prompt": "2+2=", "completion": "4"}) + "\\n{bad\\n")
     >>> examples, skipped = read_sft(path, skip_bad=True)
-    >>> [e.record for e in examples], [s.split(": ", 1)[1] for s in skipped]
-    ([Prompted(prompt='2+2=', completion='4')], ['not valid JSON (Expecting property name enclosed in double quotes, column 2)'])
+    >>> [e.record for e in examples], [s.split(": ", 1)[1].split(" (")[0] for s in skipped]
+    ([Prompted(prompt='2+2=', completion='4')], ['not valid JSON'])
   """
   return _read(paths, option, skip_bad, lambda row: [Example(row.where, parse_sft(row))])
 

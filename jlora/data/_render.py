@@ -99,21 +99,33 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tupl
   Raises:
     DataError: the tokenizer is not a fast tokenizer (it has no offsets).
   """
+  backend = require_fast(tokenizer)
+  # Rebuilt when the tokenizer gets another Rust tokenizer or more tokens (add_tokens changes it in place).
+  key = (id(backend), backend.get_vocab_size(with_added_tokens=True))
+  copy = _BACKENDS.get(tokenizer)
+  if copy is None or copy[0] != key:
+    plain = type(backend).from_str(backend.to_str())
+    plain.post_processor = None
+    if hasattr(backend, "encode_special_tokens"):
+      plain.encode_special_tokens = backend.encode_special_tokens
+    copy = (key, plain)
+    _BACKENDS[tokenizer] = copy
+  enc = copy[1].encode(text, add_special_tokens=False)
+  return list(enc.ids), list(enc.offsets)
+
+
+def require_fast(tokenizer: Any) -> Any:
+  """The tokenizer's Rust tokenizer.
+
+  Raises:
+    DataError: the tokenizer is not a fast tokenizer (it has no character offsets).
+  """
   backend = getattr(tokenizer, "backend_tokenizer", None)
   if backend is None or not getattr(tokenizer, "is_fast", False):
     raise DataError(f"chat masks need a fast tokenizer (with character offsets); {type(tokenizer).__name__} "
                     "is not one: load the tokenizer with AutoTokenizer.from_pretrained(..., use_fast=True) "
                     "from a directory with tokenizer.json")
-  copy = _BACKENDS.get(tokenizer)
-  if copy is None or copy[0] is not backend:
-    plain = type(backend).from_str(backend.to_str())
-    plain.post_processor = None
-    if hasattr(backend, "encode_special_tokens"):
-      plain.encode_special_tokens = backend.encode_special_tokens
-    copy = (backend, plain)
-    _BACKENDS[tokenizer] = copy
-  enc = copy[1].encode(text, add_special_tokens=False)
-  return list(enc.ids), list(enc.offsets)
+  return backend
 
 
 def token_boundary(offsets: Sequence[tuple[int, int]], char: int) -> int | None:

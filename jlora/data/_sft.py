@@ -28,7 +28,7 @@ import numpy as np
 from jlora.data._chat import EMPTY_REASONING, chat_sequences
 from jlora.data._errors import DataError
 from jlora.data._records import Chat, Example, Prompted
-from jlora.data._render import has_chat_template
+from jlora.data._render import has_chat_template, require_fast
 
 TrainOn = Literal["all", "last"]
 
@@ -190,6 +190,7 @@ def _check_tokenizer(examples: Sequence[Example], tokenizer: Any, chat_template:
                       f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none; give a model whose "
                       "tokenizer has one (chat_template in tokenizer_config.json, or chat_template.jinja), "
                       "or use prompt/completion records")
+    require_fast(tokenizer)
   if Prompted in kinds:
     if chat_template and not has_chat_template(tokenizer):
       raise DataError("--chat-template: this model's tokenizer has no chat template; drop --chat-template")

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import jlora
-from templates import ADDED_TOKENS, SPECIAL_TOKENS, TEMPLATES
+from data_templates import ADDED_TOKENS, SPECIAL_TOKENS, TEMPLATES
 
 TINY_BASE = os.path.join(os.path.dirname(jlora.__file__), "assets", "tiny-base")
 

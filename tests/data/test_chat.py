@@ -4,11 +4,11 @@ import pytest
 
 from jlora.data import DataError, Row, parse_sft
 from jlora.data._chat import chat_sequences
-from templates import TEMPLATES
+from data_templates import TEMPLATES
 
 CALL = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
-TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather of a city", "parameters": CITY}}]
 
 # (template, row, chat_sequences kwargs, trained turns of each expected sequence)
 CASES = {
@@ -208,3 +208,18 @@ def test_a_slow_tokenizer_is_refused(make_tokenizer):
   record = parse_sft(Row("d.jsonl:1", messages(("user", "a"), ("assistant", "b"))))
   with pytest.raises(DataError, match=r"chat masks need a fast tokenizer .*use_fast=True"):
     chat_sequences(record, Slow(), where="d.jsonl:1")
+
+
+def test_tokens_added_after_a_first_use_are_seen(make_tokenizer):
+  tok = make_tokenizer("{% for m in messages %}{{ m.role }}:\n{{ m.content }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant:\n{% endif %}")
+  record = parse_sft(Row("d.jsonl:1", messages(("user", "a"), ("assistant", "<answer>"))))
+  before = chat_sequences(record, tok, where="d.jsonl:1")[0]
+  tok.add_tokens(["<answer>"])
+  after = chat_sequences(record, tok, where="d.jsonl:1")[0]
+  assert len(after.ids) < len(before.ids) and tok.convert_tokens_to_ids("<answer>") in after.ids
+  assert after.ids == tok.apply_chat_template(record_dicts(record), tokenize=True, return_dict=True)["input_ids"]
+
+
+def record_dicts(record):
+  return [m.as_dict() for m in record.messages]

@@ -12,8 +12,8 @@ def ex(record, where="d.jsonl:1"):
 
 
 def test_pairs_stack_chosen_then_rejected(plain_tokenizer):
-  data, report = tokenize_preference([ex(Preference("2+2=", " 4", " 5")), ex(Preference("3+3=", " 6", " 7<|endoftext|>"),
-                                                                            "d.jsonl:2")], plain_tokenizer, max_len=8)
+  pairs = [ex(Preference("2+2=", " 4", " 5")), ex(Preference("3+3=", " 6", " 7<|endoftext|>"), "d.jsonl:2")]
+  data, report = tokenize_preference(pairs, plain_tokenizer, max_len=8)
   assert report.lines() == []
   batch = data.pairs(np.array([1, 0]))
   np.testing.assert_array_equal(batch["ids"], np.concatenate([data.chosen_ids[[1, 0]], data.rejected_ids[[1, 0]]]))
@@ -48,8 +48,8 @@ def test_conversational_records_need_a_template_that_accepts_them(make_tokenizer
 
 
 def test_unpaired_data_unpairs_pairs_and_builds_kl_rows(plain_tokenizer):
-  data, _ = tokenize_unpaired([ex(Preference("2+2=", " 4", " 5, or so")), ex(Unpaired("3+3=", " 6", True), "d.jsonl:2")],
-                              plain_tokenizer, max_len=12)
+  examples = [ex(Preference("2+2=", " 4", " 5, or so")), ex(Unpaired("3+3=", " 6", True), "d.jsonl:2")]
+  data, _ = tokenize_unpaired(examples, plain_tokenizer, max_len=12)
   assert data.where == ("d.jsonl:1 (chosen)", "d.jsonl:1 (rejected)", "d.jsonl:2")
   assert data.label.tolist() == [True, False, True]
   kl = data.mismatched(np.array([2, 1]))

@@ -46,7 +46,8 @@ def test_sft_record_shapes(value, record):
 @pytest.mark.parametrize("value,match", [
     ("[1, 2]", r"expected a JSON object, got str"),
     ({"question": "q"}, r"no known fields \(have \['question'\]\); use messages, conversations, prompt/completion"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b"}, r"no known fields .*; this is a preference record \(train it with a preference objective\)"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b"},
+     r"no known fields .*; this is a preference record \(train it with a preference objective\)"),
     ({"prompt": "p", "completion": 3}, r"completion must be a string, got int"),
     ({"prompt": "p", "completion": ""}, r"empty completion"),
     ({"messages": []}, r"messages must be a non-empty list of messages, got an empty list"),

@@ -122,8 +122,8 @@ def test_chat_template_option(make_tokenizer, plain_tokenizer):
   with pytest.raises(DataError, match=r"^d.jsonl:1: a conversation needs the chat template; drop "
                                       r"--no-chat-template"):
     tokenize_sft([conv], make_tokenizer("qwen3"), max_len=32, chat_template=False)
-  with pytest.raises(DataError, match=r"^d.jsonl:1: a conversation needs the tokenizer's chat template, and .*tiny-base "
-                                      r"has none; give a model whose tokenizer has one"):
+  with pytest.raises(DataError, match=r"^d.jsonl:1: a conversation needs the tokenizer's chat template, and "
+                                      r".*tiny-base has none; give a model whose tokenizer has one"):
     tokenize_sft([conv], plain_tokenizer, max_len=32)
   with pytest.raises(DataError, match=r"--chat-template: this model's tokenizer has no chat template; drop "
                                       r"--chat-template"):

@@ -13,7 +13,7 @@ import pytest
 
 from jlora.data import (Example, Row, parse_preference, parse_sft, parse_unpaired, tokenize_preference,
                         tokenize_sft, tokenize_unpaired)
-from templates import TEMPLATES
+from data_templates import TEMPLATES
 
 trl = pytest.importorskip("trl")
 

@@ -54,6 +54,7 @@ from jlora.data._sft import SFTReport
 from jlora.data._sft import TokenizedSFT
 from jlora.data._sft import chat_prompt_ids
 from jlora.data._sft import encode_prompted
+from jlora.data._sft import eval_prompt
 from jlora.data._sft import tokenize_sft
 from jlora.data._show import show_example
 
@@ -75,6 +76,7 @@ __all__ = [
     "Unpaired",
     "chat_prompt_ids",
     "encode_prompted",
+    "eval_prompt",
     "extract_prompt",
     "parse_preference",
     "parse_sft",

@@ -28,7 +28,7 @@ import numpy as np
 from jlora.data._chat import EMPTY_REASONING, chat_sequences
 from jlora.data._errors import DataError
 from jlora.data._records import Chat, Example, Prompted
-from jlora.data._render import has_chat_template, require_fast
+from jlora.data._render import TemplateFailure, chat_ids, has_chat_template, require_fast, template_name
 
 TrainOn = Literal["all", "last"]
 
@@ -228,6 +228,43 @@ def encode_prompted(tokenizer: Any, record: Prompted, *, chat_template: bool) ->
     prompt_ids = tokenizer(record.prompt, add_special_tokens=False)["input_ids"] if record.prompt else []
   completion_ids = tokenizer(record.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
   return list(prompt_ids) + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+def eval_prompt(record: Chat | Prompted, tokenizer: Any, *, chat_template: bool | None = None
+                ) -> tuple[list[int], str]:
+  """What a model is given to answer a record, and the reference answer (exact-match evaluation).
+
+  ``Prompted``: the prompt's ids as training tokenizes them (wrapped as a user turn
+  with ``chat_template=True``) and the completion. ``Chat``: the conversation
+  before its last assistant turn through the chat template with the generation
+  prompt, as ``apply_chat_template`` tokenizes it for inference, and that turn's
+  content (its text parts joined).
+
+  Raises:
+    DataError: a template that refuses the conversation (naming no file: the caller
+      knows the record's ``where``).
+
+  Example:
+    >>> from transformers import AutoTokenizer
+    >>> from jlora.data import Prompted, eval_prompt
+    >>> import jlora, os
+    >>> tok = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(jlora.__file__), "assets", "tiny-base"))
+    >>> eval_prompt(Prompted("2+2=", "4"), tok)
+    ([18, 11, 18, 29], '4')
+  """
+  if isinstance(record, Prompted):
+    ids, mask = encode_prompted(tokenizer, record, chat_template=bool(chat_template))
+    return ids[:mask.index(1)], record.completion
+  last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
+  msgs = [m.as_dict() for m in record.messages[:last]]
+  try:
+    ids = chat_ids(tokenizer, msgs, generation_prompt=True, tools=record.tools, kwargs=record.template_kwargs)
+  except TemplateFailure as e:
+    raise DataError(f"{template_name(tokenizer)} refuses the conversation before its last answer ({e})") from None
+  content = record.messages[last].content
+  if isinstance(content, list):
+    content = "".join(part["text"] for part in content)
+  return ids, content or ""
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.data import Chat, DataError, Example, Message, Prompted, Row, parse_sft, read_sft, tokenize_sft
+from jlora.data import (Chat, DataError, Example, Message, Prompted, Row, eval_prompt, parse_sft, read_sft,
+                        tokenize_sft)
 from jlora.finetune import data as today  # the module jlora.data replaces (kept until the trainer switches)
 
 TRAIN = os.path.join(os.path.dirname(jlora.__file__), "assets", "data", "reverse_words.train.jsonl")
@@ -148,3 +149,16 @@ def test_argument_and_tokenizer_errors(plain_tokenizer):
 
   with pytest.raises(DataError, match=r"prompt/completion records end with the EOS token, and the tokenizer has none"):
     tokenize_sft([ex(Prompted("p", "c"))], NoEos(), max_len=8)
+
+
+def test_eval_prompts(make_tokenizer, plain_tokenizer):
+  assert eval_prompt(Prompted("2+2=", " 4"), plain_tokenizer) == (plain_tokenizer("2+2=")["input_ids"], " 4")
+  tok = make_tokenizer("gemma3")
+  conv = chat(("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Goodbye."))
+  ids, target = eval_prompt(conv, tok)
+  assert target == "Goodbye." and tok.decode(ids).endswith("Bye<end_of_turn>\n<start_of_turn>model\n")
+  wrapped, _ = eval_prompt(Prompted("Hi", "Hello."), tok, chat_template=True)
+  assert tok.decode(wrapped) == "<|endoftext|><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+  with pytest.raises(DataError, match=r"the chat template of .* refuses the conversation before its last answer "
+                                      r"\(Conversation roles must alternate"):
+    eval_prompt(chat(("user", "a"), ("user", "b"), ("assistant", "c")), tok)

@@ -108,7 +108,7 @@ def main() -> int:
   import optax
 
   import jlora
-  from jlora.finetune import data as data_lib
+  import jlora.data
   from jlora.finetune import model as model_lib
   from jlora.finetune.tasks.sft import exact_match
   from jlora.finetune.config import DEFAULT_MODEL
@@ -131,10 +131,10 @@ def main() -> int:
   for k, (name, (template, fn)) in enumerate(UNSEEN.items()):
     tr, ev = write_task(os.path.join(args.out, "data", name), template, fn, n_train=args.shots, n_eval=args.eval,
                         seed=100 + k)
-    shots, _ = data_lib.load_records(tr)
-    held, _ = data_lib.load_records(ev)
-    few = data_lib.tokenize(shots, loaded.tokenizer, max_len=48)
-    held_tok = data_lib.tokenize(held, loaded.tokenizer, max_len=48)
+    shots, _ = jlora.data.read_sft(tr)
+    held, _ = jlora.data.read_sft(ev)
+    few, _ = jlora.data.tokenize_sft(shots, loaded.tokenizer, max_len=48)
+    held_tok, _ = jlora.data.tokenize_sft(held, loaded.tokenizer, max_len=48)
 
     def loss_fn(tree, few=few):  # mean cross-entropy of the completion tokens of the few-shot examples
       return token_stats(tree, few.ids, few.attention_mask, few.loss_mask)[0]
@@ -155,7 +155,7 @@ def main() -> int:
     rows = {}
     for label, tree in candidates.items():
       loss, acc = (float(v) for v in token_stats(tree, held_tok.ids, held_tok.attention_mask, held_tok.loss_mask))
-      em, _ = exact_match(loaded, tree, held, chat_template=False, max_new_tokens=16)
+      em, _ = exact_match(loaded, tree, held, chat_template=None, max_new_tokens=16)
       rows[label] = {"few_shot_loss": round(float(loss_fn(tree)), 4), "heldout_loss": round(loss, 4),
                      "token_accuracy": round(acc, 4), "exact_match": round(em, 4)}
       print(f"[{name}] {label:>18}: few-shot loss {rows[label]['few_shot_loss']:.4f} | held-out loss {loss:.4f} | "

@@ -63,7 +63,7 @@ def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int
   """
   tok = loaded.tokenizer
   if chat_template:
-    from jlora.finetune.data import chat_prompt_ids  # (deferred like every jlora.finetune import here: fast --help)
+    from jlora.data import chat_prompt_ids  # deferred: keeps --help fast (transformers-free)
 
     ids = [chat_prompt_ids(tok, p) for p in prompts]
   else:

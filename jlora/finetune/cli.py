@@ -7,8 +7,8 @@ stderr (what, where, the fix) and exit with status 2; a bug keeps its traceback.
 
 Which exceptions are user errors is an explicit list, never ``except Exception``:
 
-* ``UserError`` and its subclasses (``OptionError``, ``jlora.finetune.data.DataError``),
-  raised where user input is checked;
+* ``UserError`` and its subclasses (``OptionError``), raised where user input is checked,
+  and ``jlora.data.DataError`` (bad data: the message names the file and line);
 * the library's own errors about what it was given to load:
   ``jlora.AdapterMismatchError`` (an adapter or checkpoint on the wrong base)
   and ``jlora.peft.PeftFormatError`` (a PEFT directory jlora cannot load).
@@ -67,9 +67,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     True
   """
   from jlora._checkpoint import AdapterMismatchError
+  from jlora.data import DataError
   from jlora.peft import PeftFormatError
 
-  return (UserError, AdapterMismatchError, PeftFormatError)
+  return (UserError, DataError, AdapterMismatchError, PeftFormatError)
 
 
 def one_line(text: str) -> str:

@@ -81,20 +81,26 @@ class TrainConfig:
   model: str = _DATA("", "Hugging Face causal-LM directory (config.json + safetensors): Llama, Mistral, "
                          "Qwen2/3 and Gemma 2/3 run on the native jlora.models decoder, other "
                          "architectures on transformers 4.x Flax classes; empty = the bundled tiny base.")
-  data: str = _DATA("", "Training data: JSONL with prompt/completion (or input/target, instruction/output, "
-                        "text) per line, or a .txt file; empty = the bundled word-reversal task.")
+  data: str = _DATA("", "Training data: JSONL, JSON, Parquet, a datasets save_to_disk directory, or .txt "
+                        "(several files: separated by commas, or a directory). Records: OpenAI messages, ShareGPT "
+                        "conversations, "
+                        "prompt/completion (or input/target), Alpaca instruction/input/output, or text "
+                        "(docs/data.md); empty = the bundled word-reversal task.")
   eval_data: str = _DATA("", "Held-out data in the same format; empty = the bundled eval split with the "
                              "default data, else eval_fraction of the training data.")
   eval_fraction: float = _DATA(0.05, "Fraction of the training data held out for evaluation when no "
                                      "eval_data is given.")
-  chat_template: bool = _DATA(False, "Format prompts with the tokenizer's chat template (the tokenizer must "
-                                     "have one).")
-  skip_bad_lines: bool = _DATA(False, "Skip malformed JSONL lines (reporting how many) instead of failing on "
-                                      "the first.")
+  chat_template: bool = _DATA(False, "Format prompt/completion records with the tokenizer's chat template (the "
+                                     "prompt as a user turn); conversations always use it.")
+  train_on: str = _DATA("all", "Which assistant turns of a conversation are trained: all, or the last one.")
+  skip_bad_lines: bool = _DATA(False, "Skip malformed lines and records, and examples that train no token after "
+                                      "truncation (reporting how many), instead of failing on the first.")
   max_seq_len: int = _DATA(48, "Tokens per sequence; longer examples are truncated (the prompt first, from "
                                "the left).")
   pack: bool = _DATA(False, "Concatenate examples into full max_seq_len rows (no padding waste); segment "
                             "ids keep each example's attention and positions to itself.")
+  show_example: int = _DATA(-1, "Print example N of --data as tokens, the trained ones marked (colour on a "
+                                "terminal, [[ ]] otherwise), and exit without training; -1 = off.")
 
   targets: str = _LORA("all-linear", "Kernels that get adapters: all-linear (every linear layer but lm_head), "
                                      "module names (q_proj,v_proj) or a regex on '/'-joined parameter paths.")
@@ -212,7 +218,8 @@ class TrainConfig:
                                                  "with --dora or --init " + self.init)
     if not _init_known(self.init):
       raise OptionError("init", f"must be one of {', '.join(_init_names())}; got {self.init!r}")
-    for name, allowed in (("schedule", _SCHEDULES), ("sharding", _SHARDINGS), ("task", TASKS)):
+    for name, allowed in (("schedule", _SCHEDULES), ("sharding", _SHARDINGS), ("task", TASKS),
+                          ("train_on", ("all", "last"))):
       if getattr(self, name) not in allowed:
         raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
     if self.quantize not in _QUANTIZE:
@@ -226,6 +233,8 @@ class TrainConfig:
       raise OptionError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise OptionError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+    if self.show_example < -1:
+      raise OptionError("show_example", f"must be >= 0 (an example's index), or -1 for off; got {self.show_example}")
     if self.eval_exact_match < -1:
       raise OptionError("eval_exact_match", f"must be >= -1 (0 = all, -1 = none), got {self.eval_exact_match}")
     if self.process_id >= self.num_processes:
@@ -255,7 +264,7 @@ RESUME_MAY_DIFFER = frozenset({
     "model",  # the same weights may live elsewhere now (fingerprint-checked)
     "remat", "mesh", "sharding", "coordinator", "num_processes", "process_id", "reproducible",
     "log_every", "eval_every", "save_every", "keep_checkpoints", "progress", "memory_report", "report_to",
-    "eval_exact_match", "max_new_tokens", "save_merged", "output_dir",
+    "eval_exact_match", "max_new_tokens", "save_merged", "output_dir", "show_example",
 })
 
 

@@ -13,7 +13,8 @@ group              options                                               read by
 ``OptimOptions``   lr, schedule, warmup_steps, weight_decay, clip_norm,  setup (optimizer, length)
                    steps, epochs
 ``DataOptions``    task, data, eval_data, eval_fraction, chat_template,  the task
-                   skip_bad_lines, max_seq_len, pack
+                   train_on, skip_bad_lines, max_seq_len, pack,
+                   show_example
 ``BatchOptions``   batch_size, grad_accum, seed                          the task, setup
 ``EvalOptions``    eval_exact_match, max_new_tokens                      the task
 ``LoopOptions``    log_every, eval_every, save_every, keep_checkpoints,  the loop
@@ -102,9 +103,11 @@ class DataOptions:
   eval_data: str
   eval_fraction: float
   chat_template: bool
+  train_on: str
   skip_bad_lines: bool
   max_seq_len: int
   pack: bool
+  show_example: int
 
   @property
   def data_path(self) -> str:

@@ -69,8 +69,8 @@ def describe(params: Params, *, source: str) -> dict[str, Any] | None:
           "bits_per_parameter": round(jlora.quant.storage_bits(nodes), 4)}
 
 
-def quantize_base(cfg: ModelOptions, base_params: Params, layout: Mapping[str, jlora.KernelLayout], mesh, *, model_id: str
-                  ) -> tuple[Params, dict[str, Any] | None]:
+def quantize_base(cfg: ModelOptions, base_params: Params, layout: Mapping[str, jlora.KernelLayout], mesh, *,
+                  model_id: str) -> tuple[Params, dict[str, Any] | None]:
   """The base to train on (4-bit with ``--quantize``) and its description (``describe``).
 
   Raises:

@@ -21,6 +21,7 @@ import jax
 from jlora.finetune import distributed, loop, numerics, rundir
 from jlora.finetune.config import TrainConfig
 from jlora.finetune.finish import finish
+from jlora.finetune.loaded import load_tokenizer
 from jlora.finetune.loop import PREEMPTED_EXIT_CODE  # noqa: F401  (re-exported: the command's exit status)
 from jlora.finetune.options import (BatchOptions, DataOptions, EvalOptions, LoopOptions, LoraOptions, ModelOptions,
                                     OptimOptions, OutputOptions, ProcessOptions, group)
@@ -58,6 +59,9 @@ def run(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False) -> di
   data = group(cfg, DataOptions)
   task = TASKS[data.task](data, group(cfg, BatchOptions), group(cfg, EvalOptions))
   model = group(cfg, ModelOptions)
+  if data.show_example >= 0:  # the data as the loss sees it, and nothing else: no weights are read
+    print(task.show(load_tokenizer(model.model_dir), data.show_example), flush=True)
+    return {"shown": data.show_example}
   with rundir.removed_on_failure(out) as state:
     rundir.make(out)  # a directory that cannot be written is refused before anything else is done
     run_ = setup(task, model, group(cfg, LoraOptions), group(cfg, OptimOptions), group(cfg, BatchOptions),

@@ -1,4 +1,4 @@
-"""Supervised tokenization (jlora.data._sft): today's prompt/completion numbers, chats, truncation, packing."""
+"""Supervised tokenization (jlora.data._sft): the former prompt/completion numbers, chats, truncation, packing."""
 
 import os
 
@@ -8,7 +8,7 @@ import pytest
 import jlora
 from jlora.data import (Chat, DataError, Example, Message, Prompted, Row, eval_prompt, parse_sft, read_sft,
                         tokenize_sft)
-from jlora.finetune import data as today  # the module jlora.data replaces (kept until the trainer switches)
+import legacy_tokenize as before  # the tokenization jlora.data replaced, kept as this file's oracle
 
 TRAIN = os.path.join(os.path.dirname(jlora.__file__), "assets", "data", "reverse_words.train.jsonl")
 
@@ -23,19 +23,19 @@ def ex(record, where="d.jsonl:1"):
 
 @pytest.fixture(scope="module")
 def bundled():
-  """The bundled task's records, read by today's module and by jlora.data."""
-  records, _ = today.load_records(TRAIN)
+  """The bundled task's records, read by the former module's reader and by jlora.data."""
+  records = before.load_records(TRAIN)
   examples, _ = read_sft(TRAIN)
   return records[:600], examples[:600]
 
 
 @pytest.mark.parametrize("pack,max_len,template", [(False, 32, None), (False, 12, None), (True, 64, None),
                                                    (False, 24, "qwen3")])
-def test_prompted_records_tokenize_as_today(bundled, make_tokenizer, plain_tokenizer, pack, max_len, template):
+def test_prompted_records_tokenize_as_before(bundled, make_tokenizer, plain_tokenizer, pack, max_len, template):
   records, examples = bundled
   assert [e.record for e in examples] == [Prompted(r.prompt, r.completion) for r in records]
   tok = make_tokenizer(template) if template else plain_tokenizer
-  want = today.tokenize(records, tok, max_len=max_len, pack=pack, chat_template=bool(template))
+  want = before.tokenize(records, tok, max_len=max_len, pack=pack, chat_template=bool(template))
   got, report = tokenize_sft(examples, tok, max_len=max_len, pack=pack, chat_template=bool(template) or None)
   for name in ("ids", "loss_mask", "attention_mask", "segment_ids"):
     a, b = getattr(want, name), getattr(got, name)

@@ -10,7 +10,7 @@ import pytest
 
 import jlora
 from jlora.finetune import TrainConfig, run
-from jlora.finetune import data as data_lib
+import jlora.data
 from jlora.finetune import model as model_lib
 from jlora.finetune.config import DEFAULT_MODEL
 
@@ -60,7 +60,7 @@ def test_chat_template(tmp_path):
   loaded = model_lib.load(DEFAULT_MODEL)
   tok = loaded.tokenizer
   tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
-  ids, mask = data_lib.encode(tok, data_lib.Record("hi there", " ok"), chat_template=True)
+  ids, mask = jlora.data.encode_prompted(tok, jlora.data.Prompted("hi there", " ok"), chat_template=True)
   prompt = tok.decode(ids[: mask.index(1)])
   assert prompt == "<user>hi there\n<assistant>"
   assert tok.decode(ids[mask.index(1):], skip_special_tokens=True) == " ok"

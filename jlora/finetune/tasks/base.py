@@ -9,6 +9,7 @@ nothing in the loop changes.
 
 What the loop asks of a task, in order:
 
+0. ``show(tokenizer, index)`` instead of everything below, for ``--show-example``.
 1. ``prepare(ctx)`` once, before anything is written: read and check the data
    (a ``DataError`` names the file and line), tokenize it.
 2. ``steps_per_epoch`` to size the run.
@@ -71,7 +72,7 @@ class Task(abc.ABC):
     """Reads, checks and tokenizes the data.
 
     Raises:
-      jlora.finetune.data.DataError: bad data (the message names the file and line).
+      jlora.data.DataError: bad data (the message names the file and line).
     """
 
   @property
@@ -91,6 +92,14 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def evaluate(self, params: Params) -> dict[str, float]:
     """Held-out metrics of ``params`` (a LoRA tree or plain base parameters), ``eval_loss`` first."""
+
+  @abc.abstractmethod
+  def show(self, tokenizer: Any, index: int) -> str:
+    """Training example ``index`` as the loss sees it (``--show-example``), its trained tokens marked.
+
+    Raises:
+      jlora.data.DataError: no such example, or bad data.
+    """
 
   def generation_eval(self, params: Params) -> tuple[dict[str, float], list[dict]]:
     """Metrics that need generation, and example rows (``eval_examples.jsonl``); main process only."""

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: next-token cross-entropy on the completion's tokens, the prompt's masked out."""
+"""Supervised fine-tuning: next-token cross-entropy on the trained tokens (assistant turns, completions)."""
 
 from __future__ import annotations
 
@@ -11,50 +11,74 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.finetune import data as data_lib
+import jlora.data
 from jlora.finetune.cli import UserError
 from jlora.finetune.tasks.base import Params, Task, TaskContext
 
 
 class SFT(Task):
-  """Prompt/completion records (``jlora.finetune.data``), the loss on the completion and its EOS.
+  """Supervised examples (``jlora.data``): conversations, prompt/completion, Alpaca, text; the loss on
+  the assistant turns (or the completion) and their end-of-turn token.
 
-  Held-out metrics: ``eval_loss`` (mean token cross-entropy of the completions) and, by
-  generation, ``exact_match`` (greedy completion equal to the reference, whitespace-stripped).
+  Held-out metrics: ``eval_loss`` (mean token cross-entropy of the trained tokens) and, by
+  generation, ``exact_match`` (greedy answer equal to the reference, whitespace-stripped).
   """
 
   name = "sft"
+
+  def _read(self, option_path: str, option: str) -> tuple[list[jlora.data.Example], list[str]]:
+    return jlora.data.read_sft(option_path, option=option, skip_bad=self.data_options.skip_bad_lines)
+
+  def _tokenize(self, examples, tokenizer, *, pack: bool) -> tuple[jlora.data.TokenizedSFT, jlora.data.SFTReport]:
+    o = self.data_options
+    return jlora.data.tokenize_sft(examples, tokenizer, max_len=o.max_seq_len, pack=pack,
+                                   chat_template=True if o.chat_template else None, train_on=o.train_on,
+                                   skip_bad=o.skip_bad_lines)
+
+  def show(self, tokenizer, index: int) -> str:
+    examples, _ = self._read(self.data_options.data_path, "--data")
+    if not 0 <= index < len(examples):
+      raise jlora.data.DataError(f"--show-example {index}: --data holds {len(examples)} examples (0 to "
+                                 f"{len(examples) - 1})")
+    data, _ = self._tokenize(examples[index:index + 1], tokenizer, pack=False)
+    shown = []
+    for i in range(len(data)):  # a conversation the template makes several sequences of shows each
+      text = jlora.data.show_example(data, i, tokenizer)
+      head, _, rest = text.partition(": ")  # "example i of n: where (...)" -> this example's index in --data
+      shown.append(f"example {index} of {len(examples)}"
+                   + (f", sequence {i + 1} of {len(data)}" if len(data) > 1 else "") + ": " + rest)
+    return "\n".join(shown)
 
   def prepare(self, ctx: TaskContext) -> None:
     o, say = self.data_options, ctx.say
     self.ctx = ctx
     self._wrapped = jlora.wrap(ctx.loaded.forward)
     check_max_seq_len(o.max_seq_len, ctx.loaded)
-    records, skipped = data_lib.load_records(o.data_path, skip_bad_lines=o.skip_bad_lines)
+    examples, skipped = self._read(o.data_path, "--data")
     if o.eval_path:
-      eval_records, _ = data_lib.load_records(o.eval_path, skip_bad_lines=o.skip_bad_lines, option="--eval-data")
+      eval_examples, _ = jlora.data.read_sft(o.eval_path, option="--eval-data", skip_bad=o.skip_bad_lines)
     else:
-      order = np.random.default_rng(self.batch_options.seed).permutation(len(records))
-      n_eval = max(1, int(len(records) * o.eval_fraction))
-      eval_records = [records[i] for i in order[:n_eval]]
-      records = [records[i] for i in order[n_eval:]]
+      order = np.random.default_rng(self.batch_options.seed).permutation(len(examples))
+      n_eval = max(1, int(len(examples) * o.eval_fraction))
+      eval_examples = [examples[i] for i in order[:n_eval]]
+      examples = [examples[i] for i in order[n_eval:]]
     if skipped:
-      say(f"data: skipped {skipped} malformed lines of {o.data_path}")
+      say(f"data: skipped {len(skipped)} malformed records of {o.data_path} (the first: {skipped[0]})")
     tok = ctx.tokenizer
-    self.train = data_lib.tokenize(records, tok, max_len=o.max_seq_len, pack=o.pack, chat_template=o.chat_template)
-    self.eval = data_lib.tokenize(eval_records, tok, max_len=o.max_seq_len, chat_template=o.chat_template)
-    if self.train.truncated:
-      say(f"data: {self.train.truncated} of {len(records)} training examples truncated to "
-          f"max_seq_len={o.max_seq_len} (the prompt first, from the left)")
-    if self.eval.truncated:
-      say(f"data: {self.eval.truncated} of {len(eval_records)} eval examples truncated to "
-          f"max_seq_len={o.max_seq_len} (the prompt first, from the left), as in training")
+    self.train, report = self._tokenize(examples, tok, pack=o.pack)
+    for line in report.lines():
+      say(line)
+    self.eval, eval_report = self._tokenize(eval_examples, tok, pack=False)
+    if eval_report.truncated:
+      say(f"data: {eval_report.truncated} of {len(eval_examples)} eval examples truncated to "
+          f"max_seq_len={o.max_seq_len}, as in training")
     b = self.batch_options
-    self.batches = data_lib.Batches(self.train, batch_size=b.batch_size, grad_accum=b.grad_accum, seed=b.seed,
-                                    process_index=ctx.process_index, process_count=ctx.process_count)
-    n_em = len(eval_records) if self.eval_options.eval_exact_match == 0 else max(self.eval_options.eval_exact_match, 0)
-    self.em_records = eval_records[:n_em]
-    self.n_train = len(records)
+    self.batches = jlora.data.Batches(self.train, batch_size=b.batch_size, grad_accum=b.grad_accum, seed=b.seed,
+                                      process_index=ctx.process_index, process_count=ctx.process_count)
+    n_em = len(eval_examples) if self.eval_options.eval_exact_match == 0 else max(self.eval_options.eval_exact_match,
+                                                                                  0)
+    self.em_examples = eval_examples[:n_em]
+    self.n_train = len(examples)
     self._eval_batch = jax.jit(lambda params, mb: self.loss(params, mb, None)[:2])
 
   @property
@@ -87,9 +111,10 @@ class SFT(Task):
     return {"eval_loss": total / max(count, 1.0)}
 
   def generation_eval(self, params: Params) -> tuple[dict[str, float], list[dict]]:
-    if not self.em_records:
+    if not self.em_examples:
       return {}, []
-    em, rows = exact_match(self.ctx.loaded, params, self.em_records, chat_template=self.data_options.chat_template,
+    em, rows = exact_match(self.ctx.loaded, params, self.em_examples,
+                           chat_template=True if self.data_options.chat_template else None,
                            max_new_tokens=self.eval_options.max_new_tokens,
                            max_prompt_len=self.data_options.max_seq_len)
     return {"exact_match": em}, rows
@@ -116,29 +141,35 @@ def check_max_seq_len(max_seq_len: int, loaded: Any) -> None:
   limit = loaded.max_positions
   if limit and max_seq_len > limit:
     raise UserError(f"--max-seq-len {max_seq_len} exceeds {loaded.model_id}'s {limit} positions "
-                             f"(max_position_embeddings in its config.json); use --max-seq-len {limit} or less")
+                    f"(max_position_embeddings in its config.json); use --max-seq-len {limit} or less")
 
 
-def exact_match(loaded, params, records: list[data_lib.Record], *, chat_template: bool, max_new_tokens: int,
-                max_prompt_len: int | None = None) -> tuple[float, list[dict]]:
-  """Share of records whose greedy completion equals the reference (whitespace-stripped).
+def exact_match(loaded, params, examples: list[jlora.data.Example], *, chat_template: bool | None,
+                max_new_tokens: int, max_prompt_len: int | None = None) -> tuple[float, list[dict]]:
+  """Share of examples whose greedy answer equals the reference (whitespace-stripped).
 
-  ``max_prompt_len``: prompts longer than this keep their last tokens (as training keeps the
-  end of a truncated prompt), and never more than the model's positions leave room for.
+  The prompt is what ``jlora.data.eval_prompt`` gives the model (a conversation up to its last
+  answer, through the chat template). ``max_prompt_len``: prompts longer than this keep their
+  last tokens (as training keeps the end of a truncated prompt), and never more than the
+  model's positions leave room for.
   """
   tok = loaded.tokenizer
   room = loaded.max_positions - max_new_tokens if loaded.max_positions else None
   limits = [n for n in (max_prompt_len, room) if n is not None]
   limit = max(1, min(limits)) if limits else None
-  prompts = []
-  for r in records:
-    ids, mask = data_lib.encode(tok, r, chat_template=chat_template)
-    p = ids[: mask.index(1)]
-    prompts.append(p[-limit:] if limit and len(p) > limit else p)
+  prompts, targets = [], []
+  for ex in examples:
+    try:
+      ids, target = jlora.data.eval_prompt(ex.record, tok, chat_template=chat_template)
+    except jlora.data.DataError as e:
+      raise jlora.data.DataError(f"{ex.where}: {e}") from None
+    prompts.append(ids[-limit:] if limit and len(ids) > limit else ids)
+    targets.append(target)
   outs = loaded.generate(params, prompts, max_new_tokens=max_new_tokens)
   rows = []
-  for r, o in zip(records, outs):
+  for ex, target, o in zip(examples, targets, outs):
     text = tok.decode(o, skip_special_tokens=True)
-    rows.append({"prompt": r.prompt, "target": r.completion, "output": text,
-                 "match": text.strip() == r.completion.strip()})
+    prompt = ex.record.prompt if isinstance(ex.record, jlora.data.Prompted) else tok.decode(prompts[len(rows)])
+    rows.append({"where": ex.where, "prompt": prompt, "target": target, "output": text,
+                 "match": text.strip() == target.strip()})
   return float(np.mean([row["match"] for row in rows])), rows

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._errors import Unsupported
+
 
 class LazyBase(abc.ABC):
   """The apply path's view of a lazy kernel; implementations must be pytrees (children = stored arrays)."""
@@ -41,7 +43,7 @@ class LazyBase(abc.ABC):
   def record(self, primitive: Any, params: dict, rest: list) -> "LazyBase":
     """This value with one more single-output structural op applied (``rest``: other operands).
 
-    Raise ``jlora._lowrank.Unsupported`` for an op that cannot be deferred."""
+    Raise ``jlora._errors.Unsupported`` for an op that cannot be deferred."""
 
   @abc.abstractmethod
   def materialize(self) -> jax.Array:
@@ -156,8 +158,6 @@ class Deferred(LazyBase):
     return self.decode(self.storage, self.dense_shape).astype(dtype)
 
   def scan_split(self) -> tuple[Any, Any]:
-    from jlora._lowrank import Unsupported
-
     bad = [p.name for p, _ in self.ops if p.name not in _ELEMENTWISE]
     if bad:
       raise Unsupported(f"a stored-in-another-form kernel (e.g. 4-bit) that goes through {bad[0]!r} "

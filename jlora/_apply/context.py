@@ -57,7 +57,8 @@ def fused_for(ctx: ConsumerContext, rank: int) -> bool:
   Example:
     >>> import types
     >>> from jlora._apply.context import fused_for
-    >>> fused_for(types.SimpleNamespace(fused_expansion=True), 8), fused_for(types.SimpleNamespace(fused_expansion=True), 64)
+    >>> ctx = types.SimpleNamespace(fused_expansion=True)
+    >>> fused_for(ctx, 8), fused_for(ctx, 64)
     (True, False)
   """
   return ctx.fused_expansion and rank <= FUSED_EXPANSION_MAX_RANK

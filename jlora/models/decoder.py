@@ -25,6 +25,7 @@ from jlora.models import attention as attn_lib
 from jlora.models import rope as rope_lib
 from jlora.models.config import ModelConfig
 from jlora.models.names import LINEAR_MODULES, module_name, param_table
+from jlora.peft import ModuleMap
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -233,8 +234,6 @@ class Decoder:
       >>> Decoder(cfg).module_map.to_module("layers/self_attn/v_proj/kernel", (1,))
       'model.layers.1.self_attn.v_proj'
     """
-    from jlora.peft import ModuleMap
-
     return ModuleMap(to_module=functools.partial(module_name, self.config),
                      tied_embedding="embed_tokens/embedding" if self.config.tie_embeddings else None)
 

@@ -5,10 +5,10 @@ A pytree node whose class defines ``__jlora_lazy__(self) -> LazyBase`` is a
 of the dense shape and dtype in its place; in the apply path the
 ``LazyBase`` records the structural operations the model applies to the
 kernel (casts, transposes, reshapes) and is materialised only inside the
-consumer (matmul, convolution, lookup), under ``jax.checkpoint`` so that the
-dense kernel is recomputed for the backward pass instead of being saved. Under
-``scan`` over stacked layers it is split along its leading axis first, so one
-layer's kernel is materialised at a time.
+consumer (matmul, convolution, lookup), under a custom VJP so that the dense
+kernel is decoded again for the backward pass instead of being saved
+(``jlora._apply.base_result``). Under ``scan`` over stacked layers it is split
+along its leading axis first, so one layer's kernel is materialised at a time.
 """
 
 from __future__ import annotations

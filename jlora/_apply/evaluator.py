@@ -95,7 +95,9 @@ class Interpreter:
   """Evaluates jaxprs, replacing LoRA kernel uses by their low-rank path.
 
   ``mode="lora"`` computes; ``mode="probe"`` records how each kernel is used
-  (for ``jlora.infer_layout``) and computes only the base.
+  (for ``jlora.infer_layout``) and computes only the base. It is the ``ctx`` of
+  the consumer rules: ``custom_vjp``, ``fused_expansion``, ``context`` and
+  ``next_key()`` are its side of ``jlora._apply.context.ConsumerContext``.
   """
 
   def __init__(self, *, mode: str, on_unsupported: OnUnsupported, rng, usages: dict,
@@ -104,8 +106,8 @@ class Interpreter:
     self.on_unsupported = on_unsupported
     self.rng = rng
     self.usages = usages
-    # The custom-VJP lowering of the consumers (``_consumers.lowrank_term``) and, within
-    # it or alone, rank expansions as fused multiply-adds.
+    # The custom-VJP lowering of the consumers (``consumers.custom_vjp``) and, within it or
+    # alone, rank expansions as fused multiply-adds.
     self.custom_vjp = custom_vjp
     self.fused_expansion = fused_expansion
     # Per-call inputs for variants, e.g. ``adapter_ids`` for a bank of adapters.
@@ -118,7 +120,8 @@ class Interpreter:
                        usages=self.usages, fused_expansion=self.fused_expansion,
                        custom_vjp=self.custom_vjp, context=self.context)
 
-  def next_key(self):
+  def next_key(self) -> jax.Array | None:
+    """The dropout key of the next use site (``None`` without ``lora_rng``)."""
     if self.rng is None:
       return None
     self._sites += 1

@@ -1,8 +1,9 @@
 """What `--reproducible` (pinned XLA:CPU numerics) costs: the bundled run's train step, pinned vs not.
 
-XLA flags are per process, so two worker processes each compile the default
-command's train step (bundled tiny model, batch 16 x 48 tokens, LoRA r=8 on all
-linear layers) once, one with ``jlora.finetune.numerics.pin()`` and one without;
+XLA flags are per process, so two worker processes each compile a train step of
+the default command's shape (bundled tiny model on ``jlora.models``, batch 16 x 48
+tokens, LoRA r=8 on all linear layers, AdamW with clipping; random token ids) once,
+one with ``jlora.finetune.numerics.pin()`` and one without;
 the parent then asks them in turn to run ``--steps`` steps, so that machine noise
 hits both alike, and reports the median time per step and the ratio.
 
@@ -12,6 +13,7 @@ hits both alike, and reports the median time per step and the ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -27,33 +29,45 @@ def worker(pinned: bool) -> None:
   import time
 
   import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
 
   import jlora
-  from jlora.finetune import data as data_lib
-  from jlora.finetune import model as model_lib
-  from jlora.finetune.config import TrainConfig
-  from jlora.finetune.train import make_optimizer, make_train_step
+  import jlora.models
+  from jlora.finetune import TrainConfig
 
-  cfg = TrainConfig()
-  loaded = model_lib.load(cfg.model_dir)
-  records, _ = data_lib.load_records(cfg.data_path)
-  tok = data_lib.tokenize(records, loaded.tokenizer, max_len=cfg.max_seq_len)
-  batches = data_lib.Batches(tok, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
-  ids, mask = model_lib.example_inputs(loaded.tokenizer)
-  layout = jlora.infer_layout(loaded.forward, loaded.params, ids, mask)
-  lora_cfg = jlora.LoraConfig(rank=cfg.rank, alpha=cfg.alpha, targets=model_lib.resolve_targets(cfg.targets, layout))
-  adapters, frozen = jlora.split(jlora.init(jax.random.key(0), loaded.params, lora_cfg, layout=layout))
-  tx = jlora.optimizer(make_optimizer(cfg, 561), adapters)
+  cfg = TrainConfig()  # the default command's sizes: bundled model, batch, sequence length, rank, targets
+  model, params = jlora.models.load(cfg.model_dir)
+  lora_cfg = jlora.LoraConfig(rank=cfg.rank, alpha=cfg.alpha, targets=model.targets(cfg.targets))
+  adapters, frozen = jlora.split(jlora.init(jax.random.key(0), params, lora_cfg, layout=model.layout))
+  inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
+  tx = jlora.optimizer(inner, adapters)
   opt_state = tx.init(adapters)
-  step_fn = make_train_step(loaded.forward, tx, remat=False, use_dropout=False)
-  key = jax.random.key(0)
+  forward = jlora.wrap(model)
+
+  def loss_fn(adapters, ids, mask):
+    logits = forward(jlora.combine(adapters, frozen), ids, attention_mask=mask)[:, :-1].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+    return jnp.sum(ce * mask[:, 1:]) / jnp.maximum(jnp.sum(mask[:, 1:]), 1)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step_fn(adapters, opt_state, ids, mask):
+    loss, g = jax.value_and_grad(loss_fn)(adapters, ids, mask)
+    updates, opt_state = tx.update(g, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+
+  # Token values do not change the cost of a step: random ids of the command's batch shape.
+  rng = np.random.default_rng(0)
+  vocab = model.config.vocab_size
+  batches = [(jnp.asarray(rng.integers(1, vocab, (cfg.batch_size, cfg.max_seq_len)), jnp.int32),
+              jnp.ones((cfg.batch_size, cfg.max_seq_len), jnp.int32)) for _ in range(8)]
   step = 0
   for line in sys.stdin:
     n = int(line)
     t0 = time.perf_counter()
     for _ in range(n):
-      batch = jax.tree.map(jax.numpy.asarray, batches.get(step))
-      adapters, opt_state, loss, _ = step_fn(adapters, opt_state, frozen, batch, key)
+      adapters, opt_state, loss = step_fn(adapters, opt_state, *batches[step % len(batches)])
       step += 1
     loss.block_until_ready()
     print((time.perf_counter() - t0) / n, flush=True)

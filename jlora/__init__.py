@@ -7,8 +7,8 @@ Example:
   >>> y = jlora.wrap(lambda p, x: x @ p["dense"]["kernel"])(lp, jnp.ones((1, 8)))
 """
 
-from jlora._apply import infer_layout
-from jlora._apply import wrap
+from jlora._apply.wrap import infer_layout
+from jlora._apply.wrap import wrap
 from jlora._checkpoint import AdapterMismatchError
 from jlora._checkpoint import fingerprint
 from jlora._checkpoint import load_adapter
@@ -19,8 +19,8 @@ from jlora._config import LoraConfig
 from jlora._config import Rule
 from jlora._count import ParamCount
 from jlora._count import count
+from jlora._errors import LoraApplyError
 from jlora._init import init
-from jlora._interpreter import LoraApplyError
 from jlora._merge import merge
 from jlora._merge import unload
 from jlora._optim import optimizer

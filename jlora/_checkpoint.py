@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jlora._config import KernelLayout
 from jlora._lazy import is_lazy_node
 from jlora._tree import leaves_with_paths, path_str
 from jlora._variant import PLAIN, Variant
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
+from jlora.sharding import child_specs
 
 FORMAT = "jlora-adapter/1"
 Params = Any
+
+# The digest of a dense kernel's values for ``fingerprint``: ``digest(kernel, samples) -> bytes``.
+# It is the NF4 codes of sampled blocks, which a 4-bit copy of the kernel stores bit for bit, so it
+# lives with the 4-bit format: ``jlora.quant`` registers it when imported (``import jlora`` does).
+_KERNEL_DIGEST: list[Callable[[Any, int], bytes]] = []
+
+
+def register_kernel_digest(digest: Callable[[Any, int], bytes]) -> None:
+  """Installs the digest ``fingerprint`` takes of dense kernels (``jlora.quant._fingerprint``)."""
+  _KERNEL_DIGEST[:] = [digest]
 
 
 class AdapterMismatchError(ValueError):
@@ -44,8 +56,9 @@ def fingerprint(params: Params, *, samples: int = 1024) -> str:
     >>> jlora.fingerprint({"w": jnp.ones((4, 4))}) == jlora.fingerprint({"w": jnp.ones((4, 4))})
     True
   """
-  from jlora.quant._fingerprint import kernel_digest
-
+  if not _KERNEL_DIGEST:  # pragma: no cover - jlora.quant registers it when imported
+    raise RuntimeError("jlora.fingerprint needs jlora.quant (its kernel digest): import jlora.quant")
+  kernel_digest = _KERNEL_DIGEST[0]
   h = hashlib.sha256()
   base = jax.tree_util.tree_map(lambda x: x.w0 if is_lora_weight(x) else x, params, is_leaf=is_lora_weight)
   for path, leaf in sorted(leaves_with_paths(base, is_leaf=is_lazy_node), key=lambda kv: kv[0]):
@@ -190,8 +203,6 @@ def attach(params: Params, meta: Mapping[str, Any], state: Mapping[str, Any], *,
 
 def _abstract_state(meta: Mapping[str, Any], params: Params = None) -> dict:
   """Restore targets for the factors; sharded like their base kernels when those are sharded."""
-  from jax.sharding import NamedSharding
-
   bases = dict(leaves_with_paths(params, is_leaf=is_node)) if params is not None else {}
   flat = {}
   for p, d in meta["adapters"].items():
@@ -200,8 +211,6 @@ def _abstract_state(meta: Mapping[str, Any], params: Params = None) -> dict:
     base = bases.get(p)
     base_sharding = getattr(base, "sharding", None)
     if isinstance(base_sharding, NamedSharding):
-      from jlora.sharding import child_specs
-
       shardings = {n: NamedSharding(base_sharding.mesh, s)
                    for n, s in child_specs(spec, base_sharding.spec).items()}
     else:  # next to an unsharded base (whatever mesh the checkpoint was written from)

@@ -10,15 +10,26 @@ from typing import Any
 
 import numpy as np
 
+from jlora._init_methods import init_method_names, resolve_init
+from jlora._tree import close_matches
 from jlora._variant import PLAIN, Variant
 
-# Built in: "default" and "gaussian"; subpackages register more (see ``jlora._init.register_init``).
+# Built in: "default" and "gaussian"; subpackages register more (``jlora._init_methods.register_init``).
 InitMethod = str
 
 
-def _unknown_option_error(cls_name: str, unknown: Sequence[str], known: Sequence[str]) -> ValueError:
-  from jlora._tree import close_matches
+def adapter_scale(*, alpha: float, rank: int, rslora: bool) -> float:
+  """The output scale of one adapter: ``alpha/rank``, or ``alpha/sqrt(rank)`` with rsLoRA.
 
+  Example:
+    >>> from jlora._config import adapter_scale
+    >>> adapter_scale(alpha=16, rank=4, rslora=False), adapter_scale(alpha=16, rank=4, rslora=True)
+    (4.0, 8.0)
+  """
+  return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def _unknown_option_error(cls_name: str, unknown: Sequence[str], known: Sequence[str]) -> ValueError:
   hints = []
   for name in unknown:
     near = close_matches(name, known, n=1)
@@ -218,8 +229,6 @@ class LoraConfig:
       except re.error as err:
         raise ValueError(f"LoraConfig.exclude {e!r} is not a valid regex: {err}.") from None
     object.__setattr__(self, "exclude", exclude)
-    from jlora._init import init_method_names, resolve_init
-
     if not isinstance(self.variant, Variant):
       raise ValueError(f"LoraConfig.variant must be a jlora.Variant, got {type(self.variant).__name__}.")
     if not isinstance(self.dora, bool):
@@ -248,7 +257,7 @@ class LoraConfig:
 
   def scale_for(self, *, rank: int, alpha: float) -> float:
     """The output scale for one adapter: alpha/rank, or alpha/sqrt(rank) with rslora."""
-    return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
+    return adapter_scale(alpha=alpha, rank=rank, rslora=self.rslora)
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-serialisable description (checkpoint metadata); inverse of ``from_dict``."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -11,11 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._config import KernelLayout, LoraConfig
+from jlora._init_methods import resolve_init, variant_for
+from jlora._lazy import is_lazy_node, placeholder
 from jlora._targets import Target, select_targets
 from jlora._tree import path_str
-from jlora._lazy import is_lazy_node, placeholder
-from jlora._variant import Variant
 from jlora._weight import LoraSpec, LoraWeight, is_node
+
+# The init-method registry lived here before jlora._init_methods: jlora/finetune/config.py still
+# reads these two names here (a re-export to drop once it imports them from jlora._init_methods).
+from jlora._init_methods import _lookup, init_method_names  # noqa: E402,F401
 
 Params = Any
 
@@ -80,71 +83,6 @@ def _check_leaf(path: str, leaf: Any, rule_index: int) -> tuple[tuple[int, ...],
         "floating-point kernel (quantized bases go through jlora's QLoRA support)."
     )
   return shape, np.dtype(dtype)
-
-
-# An init method: (key, spec, w0, config) -> (w0 to keep, {"a": A, "b": B}) in any float dtype.
-# Methods that change the base (PiSSA, LoftQ...) return the new w0; the others return w0 as is.
-InitFn = Callable[[jax.Array, LoraSpec, Any, LoraConfig], tuple[Any, dict[str, jax.Array]]]
-# Wraps the configured variant for an init method that needs children of its own (PiSSA
-# keeps its initial factors to export the adapter onto the original base).
-VariantWrap = Callable[[Variant], Variant]
-# (regex fullmatch on the name, shown name, fn, variant wrap or None)
-_INIT_METHODS: list[tuple[str, str, InitFn, VariantWrap | None]] = []
-
-
-def register_init(pattern: str, fn: InitFn, *, shown: str | None = None, variant: VariantWrap | None = None) -> None:
-  """Registers an init method for ``LoraConfig(init=...)`` (names are matched by regex fullmatch).
-
-  ``variant``, if given, maps the configured variant to the one the adapters get
-  (e.g. a wrapper that keeps the initial factors as frozen children).
-
-  Example:
-    >>> from jlora._init import resolve_init
-    >>> resolve_init("gaussian") is not None, resolve_init("nope") is None
-    (True, True)
-  """
-  _INIT_METHODS.append((pattern, shown or pattern, fn, variant))
-
-
-def _lookup(name: str):
-  for entry in _INIT_METHODS:
-    if re.fullmatch(entry[0], name):
-      return entry
-  return None
-
-
-def resolve_init(name: str) -> InitFn | None:
-  entry = _lookup(name)
-  return None if entry is None else entry[2]
-
-
-def variant_for(config: LoraConfig) -> Variant:
-  """The variant the adapters of ``config`` get: the configured one, as the init method needs it."""
-  entry = _lookup(config.init)
-  wrap = None if entry is None else entry[3]
-  return config.variant if wrap is None else wrap(config.variant)
-
-
-def init_method_names() -> tuple[str, ...]:
-  return tuple(entry[1] for entry in _INIT_METHODS)
-
-
-def _default_init(key: jax.Array, spec: LoraSpec, w0: Any, config: LoraConfig):
-  ka, kb = jax.random.split(key)
-  if spec.layout.embedding:
-    # PEFT: lora_embedding_A = 0, lora_embedding_B ~ N(0, 1).
-    return w0, {"a": jnp.zeros(spec.a_shape), "b": jax.random.normal(kb, spec.b_shape, jnp.float32)}
-  if config.init == "default":
-    # PEFT: kaiming_uniform_(A, a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    bound = 1.0 / np.sqrt(spec.fan_in)
-    a = jax.random.uniform(ka, spec.a_shape, jnp.float32, -bound, bound)
-  else:  # "gaussian": PEFT's normal_(A, std=1/r)
-    a = jax.random.normal(ka, spec.a_shape, jnp.float32) / spec.rank
-  return w0, {"a": a, "b": jnp.zeros(spec.b_shape, jnp.float32)}
-
-
-register_init("default", _default_init)
-register_init("gaussian", _default_init)
 
 
 def init(

@@ -5,10 +5,10 @@ A pytree node whose class defines ``__jlora_lazy__(self) -> LazyBase`` is a
 of the dense shape and dtype in its place; in the apply path the
 ``LazyBase`` records the structural operations the model applies to the
 kernel (casts, transposes, reshapes) and is materialised only inside the
-consumer (matmul, convolution, lookup), under ``jax.checkpoint`` so that the
-dense kernel is recomputed for the backward pass instead of being saved. Under
-``scan`` over stacked layers it is split along its leading axis first, so one
-layer's kernel is materialised at a time.
+consumer (matmul, convolution, lookup), under a custom VJP so that the dense
+kernel is decoded again for the backward pass instead of being saved
+(``jlora._apply.base_result``). Under ``scan`` over stacked layers it is split
+along its leading axis first, so one layer's kernel is materialised at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jlora._errors import Unsupported
 
 
 class LazyBase(abc.ABC):
@@ -41,7 +43,7 @@ class LazyBase(abc.ABC):
   def record(self, primitive: Any, params: dict, rest: list) -> "LazyBase":
     """This value with one more single-output structural op applied (``rest``: other operands).
 
-    Raise ``jlora._lowrank.Unsupported`` for an op that cannot be deferred."""
+    Raise ``jlora._errors.Unsupported`` for an op that cannot be deferred."""
 
   @abc.abstractmethod
   def materialize(self) -> jax.Array:
@@ -156,8 +158,6 @@ class Deferred(LazyBase):
     return self.decode(self.storage, self.dense_shape).astype(dtype)
 
   def scan_split(self) -> tuple[Any, Any]:
-    from jlora._lowrank import Unsupported
-
     bad = [p.name for p, _ in self.ops if p.name not in _ELEMENTWISE]
     if bad:
       raise Unsupported(f"a stored-in-another-form kernel (e.g. 4-bit) that goes through {bad[0]!r} "

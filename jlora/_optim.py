@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import optax
 
+from jlora._loraplus import loraplus_scale
 from jlora._partition import labels
 from jlora._weight import is_lora_weight
 
@@ -50,7 +51,5 @@ def optimizer(inner: optax.GradientTransformation, params: Any, *, loraplus_rati
   if not any(is_lora_weight(x) and x.a is not None for x in leaves):
     raise ValueError("jlora.optimizer: params hold no adapter factors; pass the tree from jlora.init.")
   if loraplus_ratio is not None:
-    from jlora.variants._loraplus import loraplus_scale
-
     inner = optax.chain(inner, loraplus_scale(loraplus_ratio, embedding_ratio=loraplus_embedding_ratio))
   return optax.partition({"lora": inner, "frozen": optax.set_to_zero()}, labels)

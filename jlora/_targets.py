@@ -1,12 +1,14 @@
-"""Rule matching: which parameters get adapters, with errors for rules that select nothing."""
+"""Which parameters get adapters: rule matching (``select_targets``), and the ``--targets``
+option of the commands as a rule (``expand_targets``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from jlora._config import LoraConfig, Rule
+from jlora._config import KernelLayout, LoraConfig, Rule
 from jlora._tree import close_matches, leaves_with_paths
 from jlora._weight import is_lora_weight, is_node
 
@@ -94,3 +96,71 @@ def select_targets(params: Any, config: LoraConfig) -> list[Target]:
           f"Paths look like: {_examples(kernel_like or all_paths)}."
       )
   return selected
+
+
+# -- the --targets option of the commands ------------------------------------------------------------
+
+_MODULE_NAMES = re.compile(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*")
+
+
+def expand_targets(spec: str, layout: Mapping[str, KernelLayout] | Iterable[str], *,
+                   model: str = "this model") -> str:
+  """A ``--targets`` value as a regex over the parameter paths of a model (``LoraConfig.targets``).
+
+  * ``"all-linear"``: every linear kernel, as PEFT's ``all-linear``: each path
+    ending in ``/kernel`` that is neither an embedding table nor under an
+    ``lm_head`` module, escaped and joined with ``|``;
+  * comma-separated module names (``"q_proj,v_proj"``): those modules' kernels,
+    ``.*/(q_proj|v_proj)/kernel``, and, escaped, the paths of named modules that
+    this pattern cannot reach (a top-level ``lm_head/kernel``, an embedding table
+    such as ``embed_tokens/embedding``);
+  * anything else is a regex on the ``/``-joined paths and comes back unchanged.
+
+  Args:
+    spec: the value given, e.g. ``"all-linear"``.
+    layout: ``{path: jlora.KernelLayout}`` of the model's kernels (from
+      ``jlora.infer_layout`` or ``jlora.models.Decoder.layout``), or their paths.
+    model: how error messages name the model (``"this llama model"``).
+
+  Returns:
+    A regex for ``re.fullmatch`` on parameter paths.
+
+  Raises:
+    ValueError: ``all-linear`` on a model without linear kernels, or a module
+      name that holds no kernel (the message lists the model's modules).
+
+  Example:
+    >>> import jlora
+    >>> from jlora._targets import expand_targets
+    >>> layout = {"embed/embedding": jlora.KernelLayout(in_axes=(0,), embedding=True),
+    ...           "layers/attn/q/kernel": jlora.KernelLayout(in_axes=(1,), batch_axes=(0,)),
+    ...           "lm_head/kernel": jlora.KernelLayout(in_axes=(0,))}
+    >>> expand_targets("all-linear", layout)
+    'layers/attn/q/kernel'
+    >>> expand_targets("q,lm_head", layout)
+    '.*/(q)/kernel|lm_head/kernel'
+  """
+  entries = list(layout.items()) if isinstance(layout, Mapping) else [(p, None) for p in layout]
+  if spec == "all-linear":
+    paths = [p for p, lay in entries
+             if not (lay is not None and lay.embedding) and "lm_head" not in p.split("/") and p.endswith("/kernel")]
+    if not paths:
+      raise ValueError(f"targets 'all-linear': {model} has no linear kernels (parameters ending in '/kernel' "
+                       "outside lm_head)")
+    return "|".join(re.escape(p) for p in paths)
+  if not _MODULE_NAMES.fullmatch(spec):
+    return spec
+  names = spec.split(",")
+  modules: dict[str, list[str]] = {}  # module name -> its kernel and embedding paths
+  for path, _ in entries:
+    parts = path.split("/")
+    if len(parts) >= 2 and parts[-1] in ("kernel", "embedding"):
+      modules.setdefault(parts[-2], []).append(path)
+  bad = [n for n in names if n not in modules]
+  if bad:
+    raise ValueError(f"targets {spec!r}: {bad} are not modules of {model}; known: {', '.join(sorted(modules))} "
+                     "(or 'all-linear', or a regex over parameter paths).")
+  nested = [n for n in names if any(p.count("/") >= 2 and p.endswith("/kernel") for p in modules[n])]
+  others = [p for n in names for p in modules[n] if not (p.count("/") >= 2 and p.endswith("/kernel"))]
+  parts = ([rf".*/({'|'.join(nested)})/kernel"] if nested else []) + [re.escape(p) for p in dict.fromkeys(others)]
+  return "|".join(parts)

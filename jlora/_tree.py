@@ -1,7 +1,8 @@
-"""Path helpers shared by every module: one way to turn a pytree path into a string."""
+"""Pytree helpers shared by every module: one way to turn a path, or a leaf, into a string."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -59,8 +60,31 @@ def shape_and_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
   return tuple(x.shape), np.dtype(x.dtype)
 
 
+def describe_leaf(x: Any) -> str:
+  """``dtype[shape]`` for an array-like child of a jlora pytree node, ``repr`` for anything else.
+
+  Pytree nodes print whatever their children are: arrays, ``None`` halves of
+  ``jlora.split``, or the results of ``jax.tree.map`` (shapes, strings, ...). A
+  child that is itself a pytree node (a kernel stored in another form, such as
+  ``jlora.NF4Weight``, or a tuple) describes itself.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jlora._tree import describe_leaf
+    >>> describe_leaf(jnp.ones((2, 3))), describe_leaf((2, 3)), describe_leaf(None)
+    ('float32[2, 3]', '(2, 3)', 'None')
+  """
+  if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)):
+    return repr(x)
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if isinstance(shape, tuple) and dtype is not None:
+    try:
+      return f"{np.dtype(dtype).name}{list(shape)}"
+    except TypeError:  # e.g. a PRNG key dtype
+      return f"{dtype}{list(shape)}"
+  return repr(x)
+
+
 def close_matches(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
   """Candidates that look like ``name``, for "did you mean" hints."""
-  import difflib
-
   return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)

@@ -19,10 +19,14 @@ indices (the child has that kernel axis, same size) or special axis names:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import jax
+import jax.numpy as jnp
+
 if TYPE_CHECKING:  # pragma: no cover
+  from jlora._apply.context import ConsumerContext
   from jlora._weight import LoraSpec, LoraWeight
 
 AxisSpec = tuple[int | str, ...]
@@ -52,14 +56,14 @@ class Variant:
       _REGISTRY[cls.name] = cls
 
   # -- storage ---------------------------------------------------------------------------
-  def factor_axes(self, spec: "LoraSpec") -> dict[str, AxisSpec]:
+  def factor_axes(self, spec: LoraSpec) -> dict[str, AxisSpec]:
     """Every child beyond ``w0``, in flattening order: ``a`` and ``b`` first."""
     return {
         "a": (*spec.batch_axes, *spec.in_axes, "rank"),
         "b": (*spec.batch_axes, "rank", *spec.out_axes),
     }
 
-  def special_sizes(self, spec: "LoraSpec") -> dict[str, int]:
+  def special_sizes(self, spec: LoraSpec) -> dict[str, int]:
     """Sizes of the special (non-kernel) axes named in ``factor_axes``."""
     return {"rank": spec.rank}
 
@@ -68,7 +72,7 @@ class Variant:
     del name
     return True
 
-  def init_extras(self, spec: "LoraSpec", w0: Any, factors: Mapping[str, Any]) -> dict[str, Any]:
+  def init_extras(self, spec: LoraSpec, w0: Any, factors: Mapping[str, Any]) -> dict[str, Any]:
     """Initial values of the children beyond ``a`` and ``b`` (``jlora.init``), e.g. DoRA's magnitude."""
     del spec, w0, factors
     return {}
@@ -92,40 +96,78 @@ class Variant:
     return "" if type(self) is Variant else self.name
 
   # -- the apply path ------------------------------------------------------------------------
-  # Each consumer gets the interpreter context (``ctx``: dropout key, ``adapter_ids`` ...),
-  # the ``LowRank`` value, the layer input, the base result and a plan from
-  # ``jlora._consumers``; it returns the layer output. See ``_consumers`` for the plans.
-  def dot(self, ctx: Any, v: Any, x: Any, base_out: Any, plan: Any) -> Any:
-    from jlora import _consumers
+  # The interpreter calls these where the kernel is consumed, with its context ``ctx`` (a
+  # ``jlora._apply.context.ConsumerContext``: the lowering options, dropout keys, per-call inputs
+  # such as ``adapter_ids``), the ``LowRank`` value, the layer input, the base result and, for a
+  # matmul, a ``DotPlan`` (``jlora._apply.consumers.plans``); each returns the layer output.
+  # Plain LoRA's rules are apply-path code, registered here by the apply path (see below).
+  def dot(self, ctx: ConsumerContext, v: Any, x: Any, base_out: Any, plan: Any) -> Any:
+    """The output of ``dot_general``: plain LoRA adds ``scale·((x·A)·B)`` to ``base_out``."""
+    return _plain_rule("dot")(ctx, v, x, base_out, plan)
 
-    return _consumers.add_term(ctx, v, base_out, _consumers.lora_dot_term(ctx, v, x, plan, scale=v.source.spec.scale))
+  def conv(self, ctx: ConsumerContext, v: Any, x: Any, base_out: Any, params: dict) -> Any:
+    """The output of a convolution: plain LoRA adds a conv to ``rank`` channels, then ``B``."""
+    return _plain_rule("conv")(ctx, v, x, base_out, params)
 
-  def conv(self, ctx: Any, v: Any, x: Any, base_out: Any, params: dict) -> Any:
-    from jlora import _consumers
-
-    return base_out + _consumers.conv(v, x, params=params, out_dtype=base_out.dtype, key=ctx.next_key())
-
-  def gather(self, ctx: Any, v: Any, indices: Any, base_out: Any, params: dict) -> Any:
-    from jlora import _consumers
-
-    return base_out + _consumers.gather(v, indices, params=params, out_dtype=base_out.dtype)
+  def gather(self, ctx: ConsumerContext, v: Any, indices: Any, base_out: Any, params: dict) -> Any:
+    """The output of a lookup: plain LoRA adds the looked-up rows of ``A`` projected by ``B``."""
+    return _plain_rule("gather")(ctx, v, indices, base_out, params)
 
   def scale_kernel(self, v: Any, c: Any, base: Any) -> Any:
     """The value of ``c·kernel`` (a scalar multiple): scales ``a``."""
     return v.scale_factor("a", c, base)
 
   # -- merging ------------------------------------------------------------------------------
-  def delta(self, w: "LoraWeight", dtype: Any) -> Any:
+  def delta(self, w: LoraWeight, dtype: Any) -> Any:
     """The dense update laid out like ``w0`` (merge and export only)."""
-    from jlora._weight import lowrank_delta
-
     return lowrank_delta(w, dtype=dtype)
 
-  def merged(self, w: "LoraWeight", w0: Any) -> Any:
+  def merged(self, w: LoraWeight, w0: Any) -> Any:
     """The merged kernel in float32 from the float32 base ``w0``."""
-    import jax.numpy as jnp
-
     return w0 + self.delta(w, jnp.float32)
+
+
+def lowrank_delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:
+  """``scale · (a ⊗ b)`` laid out like ``w0`` (plain LoRA factors), computed in ``dtype``.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> from jlora._variant import lowrank_delta
+    >>> spec = jlora.LoraSpec(shape=(3, 2), layout=jlora.KernelLayout(in_axes=(0,)), rank=1, alpha=2.0)
+    >>> w = jlora.LoraWeight(jnp.zeros((3, 2)), jnp.ones((3, 1)), jnp.ones((1, 2)), spec)
+    >>> lowrank_delta(w).tolist()
+    [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+  """
+  spec = weight.spec
+  nd = len(spec.shape)
+  letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY"
+  r = "Z"
+  sa = "".join(letters[i] for i in spec.batch_axes + spec.in_axes) + r
+  sb = "".join(letters[i] for i in spec.batch_axes) + r + "".join(letters[i] for i in spec.out_axes)
+  out = letters[:nd]
+  a = jnp.asarray(weight.a, dtype)
+  b = jnp.asarray(weight.b, dtype)
+  d = jnp.einsum(f"{sa},{sb}->{out}", a, b, precision=jax.lax.Precision.HIGHEST)
+  return d * jnp.asarray(spec.scale, dtype)
+
+
+# -- plain LoRA's consumer rules: a hook the apply path fills --------------------------------------
+# ``Variant.dot``/``conv``/``gather`` above are plain LoRA's rules, which are apply-path code
+# (``jlora._apply.consumers.plain``), a layer above this one. The apply path registers them here
+# when it is imported (``import jlora`` imports it), and only the apply path calls these methods.
+_PLAIN_RULES: dict[str, Callable[..., Any]] = {}
+
+
+def register_plain_rules(*, dot: Callable[..., Any], conv: Callable[..., Any], gather: Callable[..., Any]) -> None:
+  """Installs plain LoRA's consumer rules, the defaults of ``Variant.dot``/``conv``/``gather``."""
+  _PLAIN_RULES.update(dot=dot, conv=conv, gather=gather)
+
+
+def _plain_rule(kind: str) -> Callable[..., Any]:
+  rule = _PLAIN_RULES.get(kind)
+  if rule is None:  # pragma: no cover - the apply path registers them when it is imported
+    raise RuntimeError("jlora's apply path (jlora._apply.consumers.plain) is not imported")
+  return rule
 
 
 _REGISTRY["lora"] = Variant

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._config import KernelLayout
+from jlora._config import KernelLayout, adapter_scale
 from jlora._lazy import is_lazy_node
+from jlora._tree import describe_leaf
 from jlora._variant import PLAIN, Variant
 
 
@@ -33,7 +33,8 @@ class LoraSpec:
 
   @property
   def scale(self) -> float:
-    return float(self.alpha) / (math.sqrt(self.rank) if self.rslora else self.rank)
+    """The output scale ``alpha/rank`` (``alpha/sqrt(rank)`` with rsLoRA)."""
+    return adapter_scale(alpha=self.alpha, rank=self.rank, rslora=self.rslora)
 
   @property
   def in_axes(self) -> tuple[int, ...]:
@@ -156,29 +157,6 @@ class LoraWeight:
             + (f", variant={variant}" if variant else "") + ")")
 
 
-def describe_leaf(x: Any) -> str:
-  """``dtype[shape]`` for an array-like child of a jlora pytree node, ``repr`` for anything else.
-
-  Pytree nodes print whatever their children are: arrays, ``None`` halves of
-  ``jlora.split``, or the results of ``jax.tree.map`` (shapes, strings, ...).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from jlora._weight import describe_leaf
-    >>> describe_leaf(jnp.ones((2, 3))), describe_leaf((2, 3)), describe_leaf(None)
-    ('float32[2, 3]', '(2, 3)', 'None')
-  """
-  if is_lazy_node(x):  # a kernel stored in another form describes itself
-    return repr(x)
-  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-  if isinstance(shape, tuple) and dtype is not None:
-    try:
-      return f"{np.dtype(dtype).name}{list(shape)}"
-    except TypeError:  # e.g. a PRNG key dtype
-      return f"{dtype}{list(shape)}"
-  return repr(x)
-
-
 def is_lora_weight(x: Any) -> bool:
   return isinstance(x, LoraWeight)
 
@@ -186,21 +164,6 @@ def is_lora_weight(x: Any) -> bool:
 def is_node(x: Any) -> bool:
   """Leaves of jlora's traversals: adapters, and kernels stored in another form (``jlora._lazy``)."""
   return isinstance(x, LoraWeight) or is_lazy_node(x)
-
-
-def lowrank_delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:
-  """``scale · (a ⊗ b)`` laid out like ``w0`` (plain LoRA factors), computed in ``dtype``."""
-  spec = weight.spec
-  nd = len(spec.shape)
-  letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXY"
-  r = "Z"
-  sa = "".join(letters[i] for i in spec.batch_axes + spec.in_axes) + r
-  sb = "".join(letters[i] for i in spec.batch_axes) + r + "".join(letters[i] for i in spec.out_axes)
-  out = letters[:nd]
-  a = jnp.asarray(weight.a, dtype)
-  b = jnp.asarray(weight.b, dtype)
-  d = jnp.einsum(f"{sa},{sb}->{out}", a, b, precision=jax.lax.Precision.HIGHEST)
-  return d * jnp.asarray(spec.scale, dtype)
 
 
 def delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jlora import _init
 from jlora._lazy import is_lazy_node
 from jlora._tree import leaves_with_paths, path_str
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
@@ -278,13 +279,11 @@ def init_sharded(key: jax.Array, base_params: Any, config: Any, mesh: Mesh, *, l
   each device only ever holds its shard; the base arrays are attached as they
   are (no copy).
   """
-  from jlora._init import init
-
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
 
   def make(k):  # every child but the base (also non-trained ones, e.g. AdaLoRA's rank mask)
     return jax.tree.map(lambda w: w.replace(w0=None) if is_lora_weight(w) else None,
-                        init(k, shapes, config, layout=layout), is_leaf=is_lora_weight)
+                        _init.init(k, shapes, config, layout=layout), is_leaf=is_lora_weight)
 
   abstract = jax.eval_shape(make, key)
   out_specs = lora_specs(abstract, specs_of(base_params), policy)

@@ -21,9 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 import jlora
 import jlora.sharding
-from jlora import _consumers
+from jlora._apply.consumers.plain import lora_dot_term
+from jlora._apply.context import ConsumerContext
+from jlora._apply.lowrank import Letters
 from jlora._lazy import Deferred
-from jlora._lowrank import Letters
 from helpers import assert_close, oracle_kernel, randomize
 
 KEY = jax.random.key(0)
@@ -43,7 +44,8 @@ class Gated(jlora.Variant):
     return {**super().factor_axes(spec), "gate": (*spec.batch_axes, *spec.out_axes)}
 
   def dot(self, ctx, v, x, base_out, plan):
-    term = _consumers.lora_dot_term(ctx, v, x, plan, scale=v.source.spec.scale)
+    assert isinstance(ctx, ConsumerContext)  # what a consumer rule may ask of the interpreter
+    term = lora_dot_term(ctx, v, x, plan, scale=v.source.spec.scale)
     L = Letters()
     gate = v.factors["gate"].astype(term.dtype)
     spec = f"{L(plan.out_labels)},{L(v.flabels['gate'])}->{L(plan.out_labels)}"
@@ -274,7 +276,7 @@ def _halve_base_init(key, spec, w0, config):
 
 
 def test_registered_init_method_and_variant_config():
-  from jlora._init import register_init
+  from jlora._init_methods import register_init
 
   register_init(r"test-halve(_\d+)?", _halve_base_init, shown="test-halve[_N]")
   cfg = jlora.LoraConfig(rank=2, targets="w", init="test-halve_3", variant=GatedOnes())

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from jlora._lowrank import LowRank, Source
+from jlora._apply.lowrank import LowRank, Source
 
 
 def _lora_params():

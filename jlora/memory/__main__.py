@@ -23,8 +23,8 @@ def main(argv=None) -> int:
                  help="a preset (" + ", ".join(sorted(_cli.PRESETS)) + ") or a Hugging Face model directory "
                       "(only config.json is read)")
   p.add_argument("--targets", default="",
-                 help="comma-separated module names or a regex on parameter paths (default: query,value for "
-                      "the GPT presets, all linear layers for HF models)")
+                 help="all-linear, comma-separated module names or a regex on parameter paths (default: "
+                      "query,value for the GPT presets, all-linear for HF models)")
   p.add_argument("--rank", type=int, default=4)
   p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
   p.add_argument("--adapter-dtype", default="float32", help="dtype of A and B (the LoRA paper: float16)")

@@ -10,6 +10,7 @@ import optax
 
 from jlora._config import KernelLayout, LoraConfig
 from jlora.memory._report import LossFn, MemoryReport, memory_report
+from jlora.quant import quantize
 
 Params = Any
 # A method maps (the LoRA config, context) to memory_report's ``config`` and ``prepare``.
@@ -42,8 +43,6 @@ def _dora(config, **ctx):
 
 def _qlora(config, *, layout=None, quantize_targets=None, **ctx):
   """4-bit NF4 base (``jlora.quantize``) with LoRA on top."""
-  from jlora.quant import quantize
-
   targets = quantize_targets if quantize_targets is not None else tuple(r.pattern for r in config.targets)
   return {"config": config, "prepare": lambda p: quantize(p, targets=targets, layout=layout)}
 

@@ -28,13 +28,13 @@ import jax
 import numpy as np
 import optax
 
+from jlora._apply.wrap import wrap
 from jlora._config import KernelLayout, LoraConfig
-from jlora._init import init as lora_init
-from jlora._partition import combine, split
-from jlora._apply import wrap
 from jlora._count import count
+from jlora._init import init as lora_init
 from jlora._lazy import is_lazy_node
 from jlora._optim import optimizer as lora_optimizer
+from jlora._partition import combine, split
 
 Params = Any
 LossFn = Callable[[Params, Any], Any]

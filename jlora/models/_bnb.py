@@ -19,10 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jlora.models.config import ModelConfig
 from jlora.models.names import Param
 from jlora.quant import NF4Weight, from_bnb, is_bnb_4bit, quant_state_keys, stack, to_bnb
+from jlora.sharding import storage_specs
 
 Readers = Mapping[str, Callable[[], np.ndarray]]
 
@@ -124,10 +126,6 @@ def place(node: NF4Weight, sharding: Any) -> NF4Weight:
   """Puts a host ``NF4Weight`` onto devices, its stored arrays sharded like the dense kernel's ``sharding``."""
   if sharding is None:
     return jax.tree.map(jnp.asarray, node)
-  from jax.sharding import NamedSharding
-
-  from jlora.sharding import storage_specs
-
   mesh = sharding.mesh
   specs = storage_specs(node, sharding.spec, dict(mesh.shape))
 

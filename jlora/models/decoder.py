@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any
 
 import jax
@@ -21,10 +20,12 @@ import numpy as np
 from jax import lax
 
 from jlora._config import KernelLayout
+from jlora._targets import expand_targets
 from jlora.models import attention as attn_lib
 from jlora.models import rope as rope_lib
 from jlora.models.config import ModelConfig
-from jlora.models.names import LINEAR_MODULES, module_name, param_table
+from jlora.models.names import module_name, param_table
+from jlora.peft import ModuleMap
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -189,7 +190,7 @@ class Decoder:
     return out
 
   def targets(self, spec: str) -> str:
-    """A ``--targets`` value -> regex over parameter paths.
+    """A ``--targets`` value -> regex over parameter paths (``jlora._targets.expand_targets``).
 
     ``"all-linear"``: every projection in the layers (not ``lm_head`` nor the
     embedding, like PEFT); ``"q_proj,v_proj"``: those modules (``lm_head`` and
@@ -200,27 +201,9 @@ class Decoder:
       >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
       ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
       >>> Decoder(cfg).targets("q_proj,v_proj")
-      'layers/(self_attn|mlp)/(q_proj|v_proj)/kernel'
+      '.*/(q_proj|v_proj)/kernel'
     """
-    if spec == "all-linear":
-      return f"layers/(self_attn|mlp)/({'|'.join(LINEAR_MODULES)})/kernel"
-    if re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", spec):
-      names = spec.split(",")
-      known = (*LINEAR_MODULES, "embed_tokens") + (() if self.config.tie_embeddings else ("lm_head",))
-      bad = [n for n in names if n not in known]
-      if bad:
-        raise ValueError(f"targets {spec!r}: {bad} are not modules of this {self.config.model_type} model; "
-                         f"known: {', '.join(known)} (or 'all-linear', or a regex over parameter paths).")
-      parts = []
-      layer_names = [n for n in names if n in LINEAR_MODULES]
-      if layer_names:
-        parts.append(f"layers/(self_attn|mlp)/({'|'.join(layer_names)})/kernel")
-      if "embed_tokens" in names:
-        parts.append("embed_tokens/embedding")
-      if "lm_head" in names:
-        parts.append("lm_head/kernel")
-      return "|".join(parts)
-    return spec
+    return expand_targets(spec, self.layout, model=f"this {self.config.model_type} model")
 
   @property
   def module_map(self):
@@ -233,8 +216,6 @@ class Decoder:
       >>> Decoder(cfg).module_map.to_module("layers/self_attn/v_proj/kernel", (1,))
       'model.layers.1.self_attn.v_proj'
     """
-    from jlora.peft import ModuleMap
-
     return ModuleMap(to_module=functools.partial(module_name, self.config),
                      tied_embedding="embed_tokens/embedding" if self.config.tie_embeddings else None)
 

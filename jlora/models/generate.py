@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora._apply.wrap import wrap
 from jlora._lazy import is_lazy_node
 from jlora._weight import LoraWeight
 from jlora.models.decoder import Decoder, Params
@@ -73,9 +74,7 @@ def _row_ids(adapter_ids: Any, rows: int, lora: bool) -> jax.Array:
 @functools.lru_cache(maxsize=64)
 def _compiled(model: Decoder, lora: bool, max_new_tokens: int, temperature: float, top_p: float,
               left_padding: bool):
-  import jlora
-
-  call = jlora.wrap(model) if lora else model
+  call = wrap(model) if lora else model
 
   def run(params, ids, mask, key, eos, pad_id, kwargs):
     b, p = ids.shape

@@ -23,13 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import sharding as sharding_lib
 from jlora._tree import leaves_with_paths
 from jlora._weight import is_lora_weight
-from jlora.quant._weight import is_nf4
+from jlora.hf import to_torch_state_dict
 from jlora.models import _bnb as bnb
 from jlora.models.config import ModelConfig
 from jlora.models.decoder import Decoder, Params, _nest
 from jlora.models.names import Param, param_table
+from jlora.quant._weight import is_nf4
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -90,8 +92,6 @@ def _open_tensors(files: list[str]) -> dict[str, Callable[[], np.ndarray]]:
     # transformers 4.x Flax checkpoints: the Flax tree, renamed and transposed to torch layout.
     from flax.serialization import msgpack_restore
 
-    from jlora.hf import to_torch_state_dict
-
     with open(files[0], "rb") as f:
       tensors = to_torch_state_dict(msgpack_restore(f.read()))
     return {k: (lambda v=v: v) for k, v in tensors.items()}
@@ -110,8 +110,6 @@ def _placement(params_shapes: Params, mesh, sharding):
       raise ValueError("jlora.models.load: sharding= needs a mesh= to place the parameters on.")
     return {}
   from jax.sharding import NamedSharding
-
-  from jlora import sharding as sharding_lib
 
   rules = sharding_lib.preset_rules(sharding or "fsdp", mesh) if isinstance(sharding, (str, type(None))) else sharding
   specs = sharding_lib.partition_specs(params_shapes, rules, mesh=mesh)

@@ -6,7 +6,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jlora import peft
 from jlora._checkpoint import load_adapter
+from jlora._merge import unload
 from jlora.multi._bank import put, stack
 
 Params = Any
@@ -42,8 +44,6 @@ def load(directory: str, base: Params, *, model_type: str | None = None, module_
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"jlora.multi.load: no adapter directory at {directory!r}.")
   if is_peft_dir(directory):
-    from jlora import peft
-
     return peft.load(directory, base, model_type=model_type, module_map=module_map, layout=layout)
   return load_adapter(directory, base, check_base=check_base)
 
@@ -74,6 +74,4 @@ def put_directory(bank: Params, slot: int, directory: str, **load_kwargs: Any) -
     >>> jlora.multi.slots(jlora.multi.put_directory(jlora.stack([lp], slots=2), 1, d))
     [0, 1]
   """
-  from jlora._merge import unload
-
   return put(bank, slot, load(directory, unload(bank), **load_kwargs))

@@ -46,9 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora import _consumers
-from jlora._interpreter import LoraApplyError
-from jlora._lowrank import RANK, Letters, LowRank, Unsupported, special_label
+from jlora._apply.consumers.contraction import lowrank_labels
+from jlora._apply.consumers.gather import gather_term as lowrank_gather_term
+from jlora._apply.consumers.layer_input import lora_input
+from jlora._apply.consumers.plain import two_step
+from jlora._apply.consumers.plans import DotPlan, factor_order
+from jlora._apply.context import ConsumerContext, fused_for
+from jlora._apply.lowrank import RANK, Letters, LowRank, special_label
+from jlora._errors import LoraApplyError, Unsupported
 
 SLOT = special_label("slot")
 
@@ -57,7 +62,7 @@ SLOT = special_label("slot")
 ONEHOT_MAX_SLOTS = 32
 
 
-def _ids(ctx: Any, v: LowRank) -> jax.Array:
+def _ids(ctx: ConsumerContext, v: LowRank) -> jax.Array:
   ids = ctx.context.get("adapter_ids")
   slots = v.source.spec.variant.slots
   if ids is None:
@@ -129,16 +134,15 @@ def choose(strategy: str, *, ids_size: int, tokens: int, slots: int, groupable: 
 # -- matmul ---------------------------------------------------------------------------------
 
 
-def dot_term(ctx: Any, v: LowRank, x: jax.Array, plan: Any, *, strategy: str) -> jax.Array:
+def dot_term(ctx: ConsumerContext, v: LowRank, x: jax.Array, plan: DotPlan, *, strategy: str) -> jax.Array:
   """The low-rank term of ``dot_general(x, bank kernel)``: each example with its slot."""
   ids = _ids(ctx, v)
   vset = set(v.labels)
   free = [(l, x.shape[i]) for i, l in enumerate(plan.x_labels) if l not in vset]
   ids, id_labels = _map_ids(v, ids, free, "an input")
-  xin = _consumers.lora_input(ctx, v, x)
+  xin = lora_input(ctx, v, x)
   spec = v.source.spec
-  first, second = ("a", "b") if plan.first == "a" else ("b", "a")
-  f1, l1, f2, l2 = v.factors[first], v.flabels[first], v.factors[second], v.flabels[second]
+  f1, l1, f2, l2 = factor_order(v, plan)
   tokens = math.prod(s for _, s in free)
   how = choose(strategy, ids_size=int(ids.size), tokens=tokens, slots=spec.variant.slots, groupable=not v.shared)
   idx = jnp.maximum(ids, 0)
@@ -148,12 +152,11 @@ def dot_term(ctx: Any, v: LowRank, x: jax.Array, plan: Any, *, strategy: str) ->
     sc, scl = _take(v.factors["scales"], v.flabels["scales"], idx, id_labels)
     sc = _mul(sc, scl, (ids >= 0).astype(sc.dtype), id_labels)
     f1s = _mul(f1s, l1s, sc, scl)
-    labels = _consumers.lowrank_labels(plan.x_labels, l1s, l2s, plan.out_labels)
-    fused = ctx.fused_expansion and spec.rank <= _consumers.FUSED_EXPANSION_MAX_RANK
-    y = _consumers.two_step(xin, f1s, f2s, labels=labels, scale=1.0, precision=plan.precision, fused=fused)
+    labels = lowrank_labels(plan.x_labels, l1s, l2s, plan.out_labels)
+    y = two_step(xin, f1s, f2s, labels=labels, scale=1.0, precision=plan.precision, fused=fused_for(ctx, spec.rank))
   elif how == "onehot":
     w, wl = _slot_weights(v, ids, id_labels)
-    xl, l1, l2, tl, ol = _consumers.lowrank_labels(plan.x_labels, l1, l2, plan.out_labels)
+    xl, l1, l2, tl, ol = lowrank_labels(plan.x_labels, l1, l2, plan.out_labels)
     L = Letters()
     t = jnp.einsum(f"{L(xl)},{L(l1)}->{L(tl)}", xin, f1, precision=plan.precision)
     t = _mul(t, tl, w, wl)
@@ -192,7 +195,7 @@ def _ragged(v, xin, plan, ids, id_labels, free, f1, l1, f2, l2):
 # -- lookup and convolution -------------------------------------------------------------------
 
 
-def gather_term(ctx: Any, v: LowRank, indices: jax.Array, params: dict, *, out_dtype: Any) -> jax.Array:
+def gather_term(ctx: ConsumerContext, v: LowRank, indices: jax.Array, params: dict, *, out_dtype: Any) -> jax.Array:
   """Low-rank part of an embedding lookup from a bank: every slot's rows, weighted by the ids' one-hot."""
   ids = _ids(ctx, v)
 
@@ -202,10 +205,10 @@ def gather_term(ctx: Any, v: LowRank, indices: jax.Array, params: dict, *, out_d
     w, wl = _slot_weights(v, mapped, id_labels)
     return _mul(fg, fg_labels, w, wl)
 
-  return _consumers.gather(v, indices, params=params, out_dtype=out_dtype, rows=rows)
+  return lowrank_gather_term(v, indices, params=params, out_dtype=out_dtype, rows=rows)
 
 
-def conv_term(ctx: Any, v: LowRank, x: jax.Array, params: dict, *, out_dtype: Any) -> jax.Array:
+def conv_term(ctx: ConsumerContext, v: LowRank, x: jax.Array, params: dict, *, out_dtype: Any) -> jax.Array:
   """Low-rank part of a convolution: a conv to ``slots·r`` channels masked per example, then ``B``."""
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
     raise Unsupported("grouped convolutions (feature_group_count/batch_group_count > 1)")
@@ -224,7 +227,7 @@ def conv_term(ctx: Any, v: LowRank, x: jax.Array, params: dict, *, out_dtype: An
   a_view = jnp.einsum(f"{L(al)}->{L([*order, SLOT, RANK])}", v.a).reshape(
       *[v.a.shape[al.index(l)] for l in order], slots * rank)
   a_view = jnp.moveaxis(a_view, -1, dn.rhs_spec[0])
-  xin = _consumers.lora_input(ctx, v, x)
+  xin = lora_input(ctx, v, x)
   conv_params = dict(params, preferred_element_type=None)
   t = lax.conv_general_dilated_p.bind(xin, a_view, **conv_params)
   c, n = dn.out_spec[1], dn.out_spec[0]

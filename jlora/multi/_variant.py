@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from jlora._variant import AxisSpec, Variant
+from jlora.multi import _select
 
 STRATEGIES = ("auto", "gather", "onehot", "ragged")
 
@@ -93,18 +94,12 @@ class Bank(Variant):
 
   # -- the apply path -------------------------------------------------------------------------
   def dot(self, ctx: Any, v: Any, x: Any, base_out: Any, plan: Any) -> Any:
-    from jlora.multi import _select
-
     return base_out + _select.dot_term(ctx, v, x, plan, strategy=self.strategy)
 
   def conv(self, ctx: Any, v: Any, x: Any, base_out: Any, params: dict) -> Any:
-    from jlora.multi import _select
-
     return base_out + _select.conv_term(ctx, v, x, params, out_dtype=base_out.dtype)
 
   def gather(self, ctx: Any, v: Any, indices: Any, base_out: Any, params: dict) -> Any:
-    from jlora.multi import _select
-
     return base_out + _select.gather_term(ctx, v, indices, params, out_dtype=base_out.dtype)
 
   # -- merging ---------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ Example:
 
 from jlora.peft._format import PeftFormatError
 from jlora.peft._format import UnverifiedBaseWarning
-from jlora.peft._format import load
-from jlora.peft._format import read_base_fingerprint
-from jlora.peft._format import read_config
-from jlora.peft._format import save
-from jlora.peft._format import verify_base
+from jlora.peft._load import load
+from jlora.peft._load import read_base_fingerprint
+from jlora.peft._load import read_config
+from jlora.peft._load import verify_base
 from jlora.peft._mapping import ModuleMap
+from jlora.peft._save import save
 
 __all__ = [
     "ModuleMap",

@@ -10,21 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jlora._variant import PLAIN, Variant
 from jlora._weight import LoraSpec, LoraWeight
+from jlora.peft._format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftFormatError, torch_factors
 from jlora.variants import AdaLoRA, DoRA
 from jlora.variants import _residual
-
-PREFIX = "base_model.model."
-
-
-def _error(msg: str) -> Exception:
-  from jlora.peft._format import PeftFormatError
-
-  return PeftFormatError(msg)
 
 
 def exportable(w: LoraWeight) -> LoraWeight:
@@ -39,9 +31,9 @@ def family(weights: Mapping[str, LoraWeight], *, where: str) -> str:
             "lora" if type(w.spec.variant) is Variant else w.spec.variant.name) for w in weights.values()}
   unknown = kinds - {"lora", "dora", "adalora"}
   if unknown:
-    raise _error(f"{where}: PEFT has no format for {sorted(unknown)} adapters.")
+    raise PeftFormatError(f"{where}: PEFT has no format for {sorted(unknown)} adapters.")
   if len(kinds) > 1:
-    raise _error(f"{where}: a PEFT adapter is one kind ({' / '.join(sorted(kinds))} adapters are mixed here); "
+    raise PeftFormatError(f"{where}: a PEFT adapter is one kind ({' / '.join(sorted(kinds))} adapters are mixed here); "
                  "export them separately.")
   return kinds.pop()
 
@@ -64,9 +56,9 @@ def dora_magnitude(kinds: Mapping[str, np.ndarray], shape: tuple[int, ...], wpat
   """One module's ``lora_magnitude_vector`` reshaped to ``shape`` (the kernel's output axes)."""
   m = kinds.get("lora_magnitude_vector")
   if m is None:
-    raise _error(f"{wpath}: use_dora is set but module {module!r} has no lora_magnitude_vector.")
+    raise PeftFormatError(f"{wpath}: use_dora is set but module {module!r} has no lora_magnitude_vector.")
   if m.size != int(np.prod(shape)):
-    raise _error(f"{wpath}: {module!r}: lora_magnitude_vector has {m.size} values, the kernel has "
+    raise PeftFormatError(f"{wpath}: {module!r}: lora_magnitude_vector has {m.size} values, the kernel has "
                  f"{int(np.prod(shape))} output features.")
   return np.asarray(m, np.float32).reshape(shape)
 
@@ -83,8 +75,6 @@ def save_adalora(directory: str, weights: Mapping[str, LoraWeight], mm, *, base_
   """Writes AdaLoRA adapters as PEFT does after training: kept ranks only, with ``rank_pattern``."""
   from safetensors.numpy import save_file
 
-  from jlora.peft._format import CONFIG_NAME, WEIGHTS_NAME, _to_torch
-
   extra = dict(adalora_config or {})
   unknown = set(extra) - set(_ADALORA_DEFAULTS)
   if unknown:
@@ -99,10 +89,11 @@ def save_adalora(directory: str, weights: Mapping[str, LoraWeight], mm, *, base_
   pattern: dict[str, list[bool]] = {}
   for path, w in weights.items():
     if w.spec.layout.embedding:
-      raise _error(f"jlora.peft.save: {path!r} is an embedding; PEFT's AdaLoRA adapts Linear/Conv1D layers only.")
+      raise PeftFormatError(f"jlora.peft.save: {path!r} is an embedding; PEFT's AdaLoRA adapts Linear/Conv1D "
+                            "layers only.")
     keep = np.asarray(jax.device_get(w.factors["rank_mask"])) > 0
     e = np.asarray(jax.device_get(w.factors["e"]), np.float32)
-    for idx, a, b in _to_torch(w):
+    for idx, a, b in torch_factors(w):
       module = mm.to_module(path, idx)
       k = keep[idx]
       tensors[f"{PREFIX}{module}.lora_A"] = np.ascontiguousarray(a[k])
@@ -130,7 +121,7 @@ def adalora_slice(config: Mapping[str, Any], wpath: str, module: str, kinds: Map
   ``init_r`` (kept ranks placed by pattern); for a stacked kernel, the arrays are one layer's slice."""
   missing = [k for k in ("lora_A", "lora_E", "lora_B") if k not in kinds]
   if missing:
-    raise _error(f"{wpath}: AdaLoRA module {module!r} lacks {missing}.")
+    raise PeftFormatError(f"{wpath}: AdaLoRA module {module!r} lacks {missing}.")
   init_r = int(config.get("init_r", 12))
   alpha = float(config.get("lora_alpha", 8))
   alpha = alpha if alpha > 0 else float(init_r)
@@ -142,10 +133,10 @@ def adalora_slice(config: Mapping[str, Any], wpath: str, module: str, kinds: Map
   keep = patterns.get(f"{module}.lora_E")
   keep = np.ones(init_r, bool) if keep is None else np.asarray(keep, bool)
   if keep.shape != (init_r,) or int(keep.sum()) != k or e_t.shape != (k,) or b_t.shape[1] != k:
-    raise _error(f"{wpath}: AdaLoRA module {module!r}: {k} saved ranks (A {a_t.shape}, E {e_t.shape}, "
+    raise PeftFormatError(f"{wpath}: AdaLoRA module {module!r}: {k} saved ranks (A {a_t.shape}, E {e_t.shape}, "
                  f"B {b_t.shape}) do not fit init_r={init_r} with rank_pattern keeping {int(keep.sum())}.")
   if a_t.shape[1] != spec.fan_in or b_t.shape[0] != spec.fan_out:
-    raise _error(f"{wpath}: {module!r}: A {a_t.shape} / B {b_t.shape} do not fit Flax parameter {path!r} "
+    raise PeftFormatError(f"{wpath}: {module!r}: A {a_t.shape} / B {b_t.shape} do not fit Flax parameter {path!r} "
                  f"of shape {spec.shape}.")
   a_full = np.zeros((init_r, spec.fan_in), np.float32)
   b_full = np.zeros((spec.fan_out, init_r), np.float32)

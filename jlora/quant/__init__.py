@@ -26,6 +26,7 @@ from jlora.quant._bnb import quant_state_keys
 from jlora.quant._bnb import stack
 from jlora.quant._bnb import to_bnb
 from jlora.quant._format import NF4Format
+from jlora.quant import _fingerprint  # noqa: F401  (registers jlora.fingerprint's kernel digest)
 from jlora.quant import _loftq  # noqa: F401  (registers LoraConfig(init="loftq[_N]"))
 from jlora.quant._merge import RoundingError
 from jlora.quant._merge import merge_quantized

@@ -8,6 +8,9 @@ blocksize reads them from its packed bytes. Because ``jlora.quantize`` is bit-ex
 both give the same digest: an adapter trained over the 4-bit base loads onto the
 bfloat16 base and vice versa. (Codes ignore a per-block rescaling of the weights,
 and the absmaxes, which double quantization approximates.)
+
+``jlora.fingerprint`` lives in the core (``jlora._checkpoint``), below this
+package: importing this module registers ``kernel_digest`` there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jlora._checkpoint import register_kernel_digest
 from jlora.quant import _codebook
 
 BLOCK = 64
@@ -101,3 +105,6 @@ def nf4_digest(w: Any, samples: int) -> bytes:
   byte = _gather(packed, (layer[:, None], pos // 2))
   codes = np.where(pos % 2 == 0, byte >> 4, byte & 15).astype(np.uint8)
   return head + codes[valid].tobytes()
+
+
+register_kernel_digest(kernel_digest)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._init import register_init
+from jlora._init_methods import register_init
 from jlora._lazy import is_lazy_node
 from jlora.quant._format import NF4Format
 from jlora.quant._weight import NF4Weight

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jlora._lazy import Deferred
+from jlora.quant._fingerprint import nf4_digest
 from jlora.quant._format import Decoder, NF4Format
 
 _NAMES = ("packed", "absmax", "nested_absmax", "nested_offset")
@@ -155,8 +156,6 @@ class NF4Weight:
   # -- base fingerprint ----------------------------------------------------------------------------
 
   def __jlora_digest__(self, samples: int) -> bytes:
-    from jlora.quant._fingerprint import nf4_digest
-
     return nf4_digest(self, samples)
 
   def __repr__(self) -> str:

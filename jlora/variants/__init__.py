@@ -16,6 +16,8 @@ Example:
   'DoRA'
 """
 
+from jlora._loraplus import loraplus_labels
+from jlora._loraplus import loraplus_scale
 from jlora.variants._adalora import AdaLoRA
 from jlora.variants._adalora import orthogonality_penalty
 from jlora.variants._adalora import rank_pattern
@@ -27,8 +29,6 @@ from jlora.variants._convert import to_lora
 from jlora.variants._dora import DoRA
 from jlora.variants._extract import Extraction
 from jlora.variants._extract import extract
-from jlora.variants._loraplus import loraplus_labels
-from jlora.variants._loraplus import loraplus_scale
 from jlora.variants._residual import Residual
 
 __all__ = [

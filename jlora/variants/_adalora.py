@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._init import register_init
-from jlora._lowrank import Letters, LowRank
+from jlora._apply.consumers.plans import DotPlan
+from jlora._apply.context import ConsumerContext
+from jlora._apply.lowrank import Letters, LowRank
+from jlora._init_methods import register_init
 from jlora._tree import leaves_with_paths
-from jlora._variant import AxisSpec, Variant
+from jlora._variant import AxisSpec, Variant, lowrank_delta
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
 
 Params = Any
@@ -77,19 +79,17 @@ class AdaLoRA(Variant):
     a = a * jnp.asarray(adalora_scale(spec) / spec.scale, a.dtype)
     return v._new(v.base, factors={**v.factors, "a": a})
 
-  def dot(self, ctx: Any, v: LowRank, x: Any, base_out: Any, plan: Any) -> Any:
+  def dot(self, ctx: ConsumerContext, v: LowRank, x: Any, base_out: Any, plan: DotPlan) -> Any:
     return super().dot(ctx, self._effective(v), x, base_out, plan)
 
-  def conv(self, ctx: Any, v: LowRank, x: Any, base_out: Any, params: dict) -> Any:
+  def conv(self, ctx: ConsumerContext, v: LowRank, x: Any, base_out: Any, params: dict) -> Any:
     return super().conv(ctx, self._effective(v), x, base_out, params)
 
-  def gather(self, ctx: Any, v: LowRank, indices: Any, base_out: Any, params: dict) -> Any:
+  def gather(self, ctx: ConsumerContext, v: LowRank, indices: Any, base_out: Any, params: dict) -> Any:
     return super().gather(ctx, self._effective(v), indices, base_out, params)
 
   # -- merging -----------------------------------------------------------------------------
   def delta(self, w: LoraWeight, dtype: Any) -> Any:
-    from jlora._weight import lowrank_delta
-
     return lowrank_delta(effective_plain(w), dtype=dtype)
 
 

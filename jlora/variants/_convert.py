@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from jlora._lazy import dense
 from jlora._tree import leaves_with_paths, path_str
+from jlora._variant import lowrank_delta
 from jlora._weight import is_lora_weight
 from jlora.variants import _adalora, _residual
+from jlora.variants._dora import DoRA, _kernel_view
 
 Params = Any
 
@@ -85,12 +89,6 @@ def merge_adapters(*trees: Params) -> Params:
     >>> jlora.variants.merge_adapters(one, two)["w"].shape
     (4, 4)
   """
-  import jax.numpy as jnp
-
-  from jlora._lazy import dense
-  from jlora._weight import lowrank_delta
-  from jlora.variants._dora import DoRA, _kernel_view
-
   if not trees:
     raise ValueError("merge_adapters: give at least one LoRA tree.")
   flat = [jax.tree_util.tree_flatten(t, is_leaf=is_lora_weight) for t in trees]

@@ -27,10 +27,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora import _consumers
-from jlora._lowrank import Letters, LowRank, Source, special_label, new_label
-from jlora._variant import AxisSpec, Variant
-from jlora._weight import LoraSpec, LoraWeight, lowrank_delta
+from jlora._apply.consumers.conv import conv_term
+from jlora._apply.consumers.contraction import lowrank_labels
+from jlora._apply.consumers.gather import gather_term
+from jlora._apply.consumers.layer_input import dropout
+from jlora._apply.consumers.plain import two_step
+from jlora._apply.consumers.plans import DotPlan, factor_order
+from jlora._apply.context import ConsumerContext, fused_for
+from jlora._apply.lowrank import Letters, LowRank, Source, new_label, special_label
+from jlora._lazy import dense
+from jlora._variant import AxisSpec, Variant, lowrank_delta
+from jlora._weight import LoraSpec, LoraWeight
 from jlora.variants import _labels
 
 
@@ -44,8 +51,6 @@ def kernel_norm(spec: LoraSpec, w0: Any, a: Any, b: Any, scale: float | None = N
     >>> kernel_norm(spec, jnp.array([[3., 0.], [4., 0.], [0., 1.]]), jnp.zeros((3, 1)), jnp.zeros((1, 2)))
     Array([5., 1.], dtype=float32)
   """
-  from jlora._lazy import dense
-
   labels = [new_label(frozenset({i})) for i in range(len(spec.shape))]
   plain = Variant.factor_axes(Variant(), spec)
   flabels = {n: [labels[ax] if isinstance(ax, int) else special_label(ax) for ax in axes]
@@ -100,14 +105,14 @@ class DoRA(Variant):
     m = _labels.align(v.factors["magnitude"].astype(jnp.float32), v.flabels["magnitude"], labels)
     return m / lax.stop_gradient(n), labels
 
-  def dot(self, ctx: Any, v: LowRank, x: Any, base_out: Any, plan: Any) -> Any:
+  def dot(self, ctx: ConsumerContext, v: LowRank, x: Any, base_out: Any, plan: DotPlan) -> Any:
     ratio, labels = self._ratio(v, "DoRA's norm")
     spec = v.source.spec
     key = ctx.next_key() if spec.dropout > 0 else None
-    xin = _consumers._dropout(x, spec.dropout, key)
+    xin = dropout(x, spec.dropout, key)
     if plan.first == "b":  # a tied embedding used as the output projection: W'ᵀ scales the input
       scaled = x * _labels.align(ratio, labels, plan.x_labels).astype(x.dtype)
-      xin = _consumers._dropout(scaled, spec.dropout, key)
+      xin = dropout(scaled, spec.dropout, key)
       return _base_dot(v, scaled, plan) + self._term(ctx, v, xin, plan)
     r = _labels.align(ratio, labels, plan.out_labels).astype(base_out.dtype)
     term = self._term(ctx, v, xin, plan)
@@ -116,24 +121,21 @@ class DoRA(Variant):
     # PEFT under training dropout: base + (m/n − 1)·(dropout(x)·W0) + (m/n)·s·B(A·dropout(x)).
     return base_out + (r - 1) * _base_dot(v, xin, plan) + r * term
 
-  def _term(self, ctx, v: LowRank, xin, plan) -> Any:
+  def _term(self, ctx: ConsumerContext, v: LowRank, xin, plan: DotPlan) -> Any:
     spec = v.source.spec
-    if plan.first == "a":
-      f1, l1, f2, l2 = v.a, v.a_labels, v.b, v.b_labels
-    else:
-      f1, l1, f2, l2 = v.b, v.b_labels, v.a, v.a_labels
-    labels = _consumers.lowrank_labels(plan.x_labels, l1, l2, plan.out_labels)
-    fused = ctx.fused_expansion and spec.rank <= _consumers.FUSED_EXPANSION_MAX_RANK
-    y = _consumers.two_step(xin.astype(v.a.dtype), f1, f2, labels=labels, scale=spec.scale,
-                            precision=plan.precision, fused=fused)
+    f1, l1, f2, l2 = factor_order(v, plan)
+    labels = lowrank_labels(plan.x_labels, l1, l2, plan.out_labels)
+    fused = fused_for(ctx, spec.rank)
+    y = two_step(xin.astype(v.a.dtype), f1, f2, labels=labels, scale=spec.scale, precision=plan.precision,
+                 fused=fused)
     return y.astype(plan.out_dtype)
 
-  def conv(self, ctx: Any, v: LowRank, x: Any, base_out: Any, params: dict) -> Any:
+  def conv(self, ctx: ConsumerContext, v: LowRank, x: Any, base_out: Any, params: dict) -> Any:
     ratio, labels = self._ratio(v, "DoRA's norm")
     spec = v.source.spec
     key = ctx.next_key() if spec.dropout > 0 else None
-    xin = _consumers._dropout(x, spec.dropout, key)
-    term = _consumers.conv(v, xin, params=params, out_dtype=base_out.dtype, key=None)
+    xin = dropout(x, spec.dropout, key)
+    term = conv_term(v, xin, params=params, out_dtype=base_out.dtype, key=None)
     rhs_spec, out_spec = params["dimension_numbers"].rhs_spec, params["dimension_numbers"].out_spec
     shape = [1] * base_out.ndim
     shape[out_spec[1]] = base_out.shape[out_spec[1]]
@@ -144,9 +146,9 @@ class DoRA(Variant):
     base_d = lax.conv_general_dilated_p.bind(xin, _labels.dense_base(v), **params)
     return base_out + (r - 1) * base_d + r * term
 
-  def gather(self, ctx: Any, v: LowRank, indices: Any, base_out: Any, params: dict) -> Any:
+  def gather(self, ctx: ConsumerContext, v: LowRank, indices: Any, base_out: Any, params: dict) -> Any:
     ratio, labels = self._ratio(v, "DoRA's norm")
-    term = _consumers.gather(v, indices, params=params, out_dtype=base_out.dtype)
+    term = gather_term(v, indices, params=params, out_dtype=base_out.dtype)
     dn = params["dimension_numbers"]
     collapsed = {v.labels[d] for d in dn.collapsed_slice_dims}
     kept = iter([l for l in v.labels if l not in collapsed])
@@ -169,13 +171,11 @@ class DoRA(Variant):
     return v * (m / n)
 
   def delta(self, w: LoraWeight, dtype: Any) -> Any:
-    from jlora._lazy import dense
-
     w0 = dense(w.w0).astype(jnp.float32)
     return (self.merged(w, w0) - w0).astype(dtype)
 
 
-def _base_dot(v: LowRank, x: jax.Array, plan: Any) -> jax.Array:
+def _base_dot(v: LowRank, x: jax.Array, plan: DotPlan) -> jax.Array:
   """``x·W0`` (or ``W0·x``) in the consumer's labels, for an input other than the original."""
   L = Letters()
   base = _labels.dense_base(v)

@@ -1,6 +1,6 @@
 """Label arithmetic shared by the variants' consumer rules (DoRA's norm, per-output scales).
 
-A ``LowRank`` value's axes carry labels (``jlora._lowrank``); ``a`` holds the
+A ``LowRank`` value's axes carry labels (``jlora._apply.lowrank``); ``a`` holds the
 input-side labels, ``b`` the output-side ones, both the stacked (batch) labels
 and ``RANK``. These helpers compute per-output quantities on those labels and
 broadcast them onto a consumer's result, whatever transposes, reshapes or scans
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jlora._lowrank import RANK, Label, Letters, LowRank, Unsupported, new_label
+from jlora._apply.lowrank import RANK, Label, Letters, LowRank, new_label
+from jlora._errors import Unsupported
 
 
 def input_labels(v: LowRank) -> list[Label]:

@@ -34,9 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._init import register_init
-from jlora._lazy import is_lazy_node
-from jlora._variant import PLAIN, AxisSpec, Variant
+from jlora._init_methods import register_init
+from jlora._lazy import dense, is_lazy_node
+from jlora._variant import PLAIN, AxisSpec, Variant, lowrank_delta
 from jlora._weight import LoraSpec, LoraWeight
 from jlora.variants import _linalg
 
@@ -123,9 +123,6 @@ def to_plain(w: LoraWeight, base: Any = None) -> LoraWeight:
   alpha = spec.alpha * (math.sqrt(2.0) if spec.rslora else 2.0)
   new_spec = dataclasses.replace(spec, rank=2 * spec.rank, alpha=alpha, variant=inner)
   if base is None:
-    from jlora._lazy import dense
-    from jlora._weight import lowrank_delta
-
     w0 = dense(w.w0)
     init = LoraWeight(w0, f["a0"], f["b0"], dataclasses.replace(spec, variant=PLAIN))
     base = (w0.astype(jnp.float32) + lowrank_delta(init)).astype(w0.dtype)

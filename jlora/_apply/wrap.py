@@ -8,12 +8,13 @@ from typing import Any
 
 import jax
 
+from jlora._apply.evaluator import Interpreter, OnUnsupported
+from jlora._apply.lowrank import LowRank, Source
 from jlora._config import KernelLayout
-from jlora._interpreter import Interpreter, LoraApplyError, OnUnsupported
+from jlora._errors import LoraApplyError
 from jlora._lazy import is_lazy_node, lazy_of, placeholder
-from jlora._lowrank import LowRank, Source
 from jlora._tree import is_array_like, path_str
-from jlora._weight import is_lora_weight
+from jlora._weight import is_lora_weight, is_node
 
 
 def _trace(fn: Callable, args: tuple, kwargs: dict, *, is_kernel: Callable[[tuple, Any], bool]):
@@ -23,7 +24,6 @@ def _trace(fn: Callable, args: tuple, kwargs: dict, *, is_kernel: Callable[[tupl
   dynamic inputs) of kernels selected by ``is_kernel`` with their paths and
   leaves, and a function that unflattens the outputs.
   """
-  is_node = lambda x: is_lora_weight(x) or is_lazy_node(x)
   flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)
   leaves = [leaf for _, leaf in flat]
   dyn_pos, dyn_vals, kernels = [], [], []

@@ -8,7 +8,8 @@ learning rate (SGD, momentum, Adam, AdamW with its decoupled decay), scaling a
 group's *updates* by a ratio is exactly training it with ``lr × ratio``; that is
 what ``loraplus_scale`` does after the inner optimizer, so the inner optimizer
 keeps one state and global operations such as gradient clipping still see all
-adapters at once.
+adapters at once. (It lives beside ``_optim``, whose ``loraplus_ratio`` uses it;
+``jlora.variants`` exports it with the rest of the LoRA family.)
 """
 
 from __future__ import annotations

@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora._errors import Unsupported
 from jlora._lazy import LazyBase
-from jlora._weight import LoraSpec, LoraWeight, describe_leaf
+from jlora._tree import describe_leaf
+from jlora._weight import LoraSpec, LoraWeight
 
 _uid = itertools.count()
 
@@ -63,10 +65,6 @@ class Source:
   path: str
   spec: LoraSpec | None  # None in probe mode and for frozen lazy kernels
   index: int
-
-
-class Unsupported(Exception):
-  """Raised by a rule when the low-rank form cannot express an operation."""
 
 
 def prov(labels) -> frozenset:
@@ -402,6 +400,3 @@ def is_unit_broadcast(operand_shape, shape, broadcast_dimensions) -> bool:
 
 def provenance(labels) -> tuple[int, ...]:
   return tuple(sorted(prov(labels)))
-
-
-

@@ -32,6 +32,12 @@ from typing import Any
 import jax
 
 import jlora
+from jlora import _checkpoint as ck
+from jlora import peft as peft_lib
+from jlora.data import chat_prompt_ids
+from jlora.finetune import model as model_lib
+from jlora.finetune.cli import ArgumentParser, UserError, run_command, user_error_types
+from jlora.finetune.options import DEFAULT_MODEL
 
 
 def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -63,8 +69,6 @@ def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int
   """
   tok = loaded.tokenizer
   if chat_template:
-    from jlora.data import chat_prompt_ids  # deferred: keeps --help fast (transformers-free)
-
     ids = [chat_prompt_ids(tok, p) for p in prompts]
   else:
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -135,8 +139,6 @@ CHECK_BASE_FIX = ("Pass --model with the base model it was trained on (and --bf1
 
 def _adapter_kind(path: str) -> str:
   """``"peft"`` or ``"jlora"`` for an adapter directory; a ``UserError`` for anything else."""
-  from jlora.finetune.cli import UserError
-
   if not os.path.exists(path):
     raise UserError(f"--adapter {path!r}: no such directory")
   if not os.path.isdir(path):
@@ -152,12 +154,8 @@ def _adapter_kind(path: str) -> str:
 
 def _adapter_info(path: str, kind: str) -> dict:
   """What an adapter says about its base: ``{"model_dir", "base_model", "bf16"}``."""
-  from jlora.finetune.cli import UserError, user_error_types
-
   try:
     if kind == "peft":
-      from jlora import peft as peft_lib
-
       base = peft_lib.read_config(path).get("base_model_name_or_path") or ""
       return {"model_dir": base, "base_model": base, "bf16": None, "chat_template": None}
     meta = jlora.read_adapter_metadata(path)
@@ -173,15 +171,11 @@ def _adapter_info(path: str, kind: str) -> dict:
 
 def _load_any_adapter(path: str, kind: str, loaded, *, check_base: bool = True):
   """The adapter at ``path`` attached to ``loaded.params`` (the same base arrays, new factors)."""
-  from jlora import _checkpoint as ck
-
   if kind == "jlora":
     if check_base:
       ck.verify_base(jlora.read_adapter_metadata(path), loaded.params, where=f"--adapter {path!r}",
                      fix=CHECK_BASE_FIX)
     return jlora.load_adapter(path, loaded.params, check_base=False)
-  from jlora import peft as peft_lib
-
   if check_base:
     peft_lib.verify_base(path, loaded.params, fix=CHECK_BASE_FIX)
   return peft_lib.load(path, loaded.params, module_map=loaded.module_map, layout=loaded.layout,
@@ -189,8 +183,6 @@ def _load_any_adapter(path: str, kind: str, loaded, *, check_base: bool = True):
 
 
 def _parser():
-  from jlora.finetune.cli import ArgumentParser
-
   ap = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--adapter", action="append", default=[], metavar="DIR",
                   help="Adapter directory, jlora (output_dir/adapter) or Hugging Face PEFT (output_dir/peft) "
@@ -220,16 +212,10 @@ def _parser():
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``jlora-generate``: user errors print one line on stderr and exit with status 2."""
-  from jlora.finetune.cli import run_command
-
   return run_command(PROG, lambda: _main(argv))
 
 
 def _main(argv: Sequence[str] | None) -> int:
-  from jlora.finetune import model as model_lib
-  from jlora.finetune.cli import UserError, user_error_types
-  from jlora.finetune.config import DEFAULT_MODEL
-
   ap = _parser()
   args = ap.parse_args(argv)
   if not args.prompt:

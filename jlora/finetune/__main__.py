@@ -9,20 +9,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from jlora.finetune.cli import run_command
+from jlora.finetune.config import PROG, config_template, parse_args
+from jlora.finetune.train import run
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from jlora.finetune.cli import run_command
-  from jlora.finetune.config import PROG
-
   def body() -> int:
-    from jlora.finetune.config import config_template, parse_args
-
     cfg, ns = parse_args(argv)
     if ns.print_config:
       print(config_template(cfg), end="")
       return 0
-    from jlora.finetune.train import run
-
     run(cfg, resume=ns.resume, overwrite=ns.overwrite)
     return 0
 

@@ -27,6 +27,10 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
+from jlora._checkpoint import AdapterMismatchError
+from jlora.data import DataError
+from jlora.peft import PeftFormatError
+
 EXIT_USER_ERROR = 2  # the status argparse uses for usage errors
 
 
@@ -66,10 +70,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     >>> UserError in user_error_types()
     True
   """
-  from jlora._checkpoint import AdapterMismatchError
-  from jlora.data import DataError
-  from jlora.peft import PeftFormatError
-
   return (UserError, DataError, AdapterMismatchError, PeftFormatError)
 
 

@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jlora  # noqa: F401  (its subpackages register their init methods in _init_methods)
+from jlora import _init_methods
 from jlora._config import _reject_unknown_kwargs
 from jlora.finetune.cli import ArgumentParser, OptionError, UserError, suggest
 from jlora.finetune.metrics import REPORT_TO
@@ -49,17 +51,11 @@ _QUANT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes'
 
 
 def _init_names() -> tuple[str, ...]:
-  import jlora  # noqa: F401  (its subpackages register their init methods)
-  from jlora import _init
-
-  return tuple(n for n in _init.init_method_names() if n != "adalora")  # AdaLoRA: --adalora-target-rank
+  return tuple(n for n in _init_methods.init_method_names() if n != "adalora")  # AdaLoRA: --adalora-target-rank
 
 
 def _init_known(name: str) -> bool:
-  import jlora  # noqa: F401
-  from jlora import _init
-
-  return name != "adalora" and _init._lookup(name) is not None
+  return name != "adalora" and _init_methods._lookup(name) is not None
 
 
 @_reject_unknown_kwargs

@@ -23,22 +23,10 @@ import numpy as np
 
 import jlora
 import jlora.models
+from jlora import hf as hf_lib
 from jlora.finetune.loaded import (LoadedModel, MissingWeightsError, UnsupportedModelError, _quiet_transformers,
                                    model_type_of)
 from jlora.peft import ModuleMap
-
-
-def resolve_targets(targets: str, layout: dict[str, jlora.KernelLayout]) -> str:
-  """``all-linear`` (every matmul kernel but lm_head / embeddings), module names, or a regex."""
-  if targets == "all-linear":
-    paths = [p for p, lay in layout.items()
-             if not lay.embedding and "lm_head" not in p.split("/") and p.endswith("/kernel")]
-    if not paths:
-      raise ValueError("--targets all-linear found no linear kernels in this model")
-    return "|".join(re.escape(p) for p in paths)
-  if re.fullmatch(r"[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*", targets):
-    return rf".*/({'|'.join(targets.split(','))})/kernel"
-  return targets
 
 
 def _round_up(n: int, m: int) -> int:
@@ -209,8 +197,6 @@ def _finish(model, params, tokenizer, model_id: str, model_type: str):
     return generate_ids(model, params, prompts, **kw)
 
   def save(directory: str, params) -> None:
-    from jlora import hf as hf_lib
-
     # transformers 4.57 otherwise records a Flax compute dtype as the unloadable string "numpy".
     leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
     model.config.dtype = np.dtype(leaves[0].dtype).name if leaves else "float32"
@@ -221,5 +207,4 @@ def _finish(model, params, tokenizer, model_id: str, model_type: str):
   max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
   return LoadedModel(model=model, params=params, tokenizer=tokenizer, model_id=model_id, forward=forward,
                      layout=layout, module_map=ModuleMap.for_model_type(model_type), model_type=model_type,
-                     expand_targets=functools.partial(resolve_targets, layout=layout),
                      max_positions=max_positions, native=False, _generate=generate, _save=save)

@@ -18,6 +18,7 @@ import jax
 
 import jlora
 import jlora.models
+from jlora._targets import expand_targets
 from jlora.peft import ModuleMap
 
 
@@ -45,7 +46,6 @@ class LoadedModel:
   layout: dict[str, jlora.KernelLayout]  # kernel layouts for jlora.init
   module_map: ModuleMap  # parameter paths <-> PyTorch module names (PEFT)
   model_type: str
-  expand_targets: Callable[[str], str]  # --targets spec (all-linear, module names, regex) -> regex
   max_positions: int | None = None  # the positions the model was trained for (config.json), if it says
   native: bool = True
   # Legacy only: generation and merged export through transformers' Flax classes.
@@ -53,8 +53,12 @@ class LoadedModel:
   _save: Callable | None = None
 
   def resolve_targets(self, targets: str) -> str:
-    """``--targets`` -> regex: ``all-linear`` (not lm_head/embeddings, like PEFT), module names, or a regex."""
-    return self.expand_targets(targets)
+    """``--targets`` -> regex: ``all-linear`` (not lm_head/embeddings, like PEFT), module names, or a regex.
+
+    Raises:
+      ValueError: ``all-linear`` on a model without linear kernels, or a module name it does not have.
+    """
+    return expand_targets(targets, self.layout, model=f"{self.model_id} ({self.model_type})")
 
   def generate(self, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                temperature: float = 0.0, seed: int = 0,

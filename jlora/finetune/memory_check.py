@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora.finetune.cli import UserError
+from jlora.memory import compare, format_table
 from jlora.finetune.options import BatchOptions
 
 HEADROOM = 0.9  # plan for 90% of the free memory: allocator fragmentation, the host's own needs
@@ -99,8 +100,6 @@ def report_table(forward: Callable, base_params: Any, lora_cfg: Any, layout: Any
                  inner: optax.GradientTransformation, *, batch: tuple[int, int]) -> str:
   """Full fine-tuning, LoRA, DoRA and QLoRA of this run's model, batch and optimizer, from shapes
   (``--memory-report``)."""
-  from jlora.memory import compare, format_table
-
   def loss(params, ids):
     logits = forward(params, ids, jnp.ones_like(ids))[:, :-1].astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()

@@ -55,7 +55,7 @@ def load(model_dir: str, *, bf16: bool = False, remat: bool = False, model_id: s
 
   return LoadedModel(model=model, params=params, tokenizer=tokenizer, model_id=model_id, forward=forward,
                      layout=model.layout, module_map=model.module_map, model_type=model_type,
-                     expand_targets=model.targets, max_positions=model.config.max_position_embeddings)
+                     max_positions=model.config.max_position_embeddings)
 
 
 def base_bytes(params) -> int:

@@ -38,8 +38,8 @@ FINETUNE_CASES = {
     "malformed line": (["--data", "{d}/bad.jsonl"], ["bad.jsonl:2:", "Expecting property name", "--skip-bad-lines"]),
     "rank 0": (["--rank", "0"], ["--rank must be > 0, got 0", "LoRA rank", "Default: 8"]),
     "negative lr": (["--lr", "-1"], ["--lr must be > 0, got -1.0", "Peak learning rate"]),
-    "targets match nothing": (["--targets", "q_projj"], ["--targets 'q_projj'", "not modules of this llama model",
-                                                         "q_proj", "all-linear"]),
+    "targets match nothing": (["--targets", "q_projj"], ["--targets 'q_projj'", "are not modules of",
+                                                         "(llama)", "q_proj", "all-linear"]),
     "unknown config key": (["--config", "{d}/learning_rate.toml"], ["learning_rate.toml", "unknown option "
                                                                     "'learning_rate'", "did you mean 'lr'?"]),
     "config value of the wrong type": (["--config", "{d}/typed.toml"], ["typed.toml: rank must be an integer, "

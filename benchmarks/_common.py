@@ -1,7 +1,8 @@
-"""Shared pieces of the benchmarks: the anchor model, timing, result files."""
+"""Shared pieces of the benchmarks: the anchor model, timing, result files, the smoke mode."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,6 +19,13 @@ LLAMA = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_a
              num_key_value_heads=8, vocab_size=1024, max_position_embeddings=512)
 BATCH, SEQ, RANK, ALPHA = 4, 256, 8, 16
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# --smoke: the same code paths as the real run on a model this small, one warmup and one timed
+# round, so that the test suite runs every benchmark in seconds (tests/test_benchmarks_smoke*.py).
+# The numbers mean nothing; the run only shows that the benchmark still works.
+SMOKE_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+SMOKE_BATCH, SMOKE_SEQ = 2, 16
 
 
 def block(x):
@@ -51,11 +59,46 @@ def machine() -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def write_result(name: str, result: dict) -> str:
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  path = os.path.join(RESULTS_DIR, f"{name}.json")
-  result = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
+def add_smoke_flag(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """``--smoke`` (tiny shapes, one warmup and one timed round) and ``--out`` (where the JSON goes)."""
+  ap.add_argument("--smoke", action="store_true",
+                  help="tiny shapes, 1 warmup + 1 timed round, a few seconds: checks that the benchmark runs "
+                       "(what the test suite does); writes no result file unless --out is given")
+  ap.add_argument("--out", default=None, metavar="PATH",
+                  help="write the result JSON to PATH instead of benchmarks/results/<name>.json")
+  return ap
+
+
+def shape_of(args: argparse.Namespace, *, llama: dict = LLAMA, batch: int = BATCH, seq: int = SEQ) -> dict:
+  """``dict(llama=, batch=, seq=)``: the benchmark's model config and batch, or the tiny ones with ``--smoke``."""
+  if args.smoke:
+    return dict(llama=SMOKE_LLAMA, batch=SMOKE_BATCH, seq=SMOKE_SEQ)
+  return dict(llama=llama, batch=batch, seq=seq)
+
+
+def rounds_of(args: argparse.Namespace, rounds: int, warmup: int = 2) -> dict:
+  """``interleaved_times`` keywords: the requested rounds, or 1 round after 1 warmup with ``--smoke``."""
+  return {"rounds": 1, "warmup": 1} if args.smoke else {"rounds": rounds, "warmup": warmup}
+
+
+def write_result(name: str, result: dict, *, args: argparse.Namespace | None = None) -> str | None:
+  """Prints the result and writes it to ``--out`` or ``benchmarks/results/<name>.json``.
+
+  A ``--smoke`` run writes only to an explicit ``--out``: its numbers must never replace a real
+  run's file. Returns the path written, or None.
+  """
+  smoke = bool(args is not None and args.smoke)
+  out = getattr(args, "out", None)
+  result = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **({"smoke": True} if smoke else {}), **result}
+  print(json.dumps(result, indent=2))
+  if smoke and not out:
+    print(f"--smoke: wrote no result file (benchmarks/results/{name}.json is left as it was)")
+    return None
+  path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(result, f, indent=2, sort_keys=False)
-  print(json.dumps(result, indent=2))
+  if out:
+    print(f"wrote {path}")
   return path

@@ -8,6 +8,7 @@ layer holding one plain adapter (``single``), side by side in one run: XLA FLOPs
 bytes accessed (deterministic) and wall-time ratios (interleaved, median of rounds).
 
   python benchmarks/bank_strategies.py            # results/bank_strategies.json
+  python benchmarks/bank_strategies.py --smoke    # d=32, 4 rows, 2 slots, 1 and 4 tokens: does it still run?
 
 The ``auto`` rule in ``jlora/multi/_select.py`` follows these numbers (docs/design.md).
 """
@@ -21,11 +22,12 @@ import jax
 import jax.numpy as jnp
 
 import jlora
-from _common import block, interleaved_times, median, write_result
+from _common import add_smoke_flag, block, interleaved_times, median, rounds_of, write_result
 
 warnings.filterwarnings("ignore")
 
 D, OUT, RANK, BATCH = 1024, 1024, 8, 64
+SMOKE_D, SMOKE_BATCH = 32, 4  # --smoke: d_in = d_out = 32, 4 rows
 
 
 def layer(p, x):
@@ -38,14 +40,19 @@ def cost(fn, *args):
   return float(c["flops"]), float(c.get("bytes accessed", 0.0))
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--rounds", type=int, default=15)
-  ap.add_argument("--slots", default="1,4,16,64")
-  ap.add_argument("--tokens", default="1,32", help="tokens per row")
-  args = ap.parse_args()
+  ap.add_argument("--slots", default=None, help="comma-separated slot counts (default: 1,4,16,64; with --smoke: 2)")
+  ap.add_argument("--tokens", default=None, help="tokens per row (default: 1,32; with --smoke: 1,4)")
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
+  slots = args.slots or ("2" if args.smoke else "1,4,16,64")
+  tokens = args.tokens or ("1,4" if args.smoke else "1,32")
+  d, out, batch = (SMOKE_D, SMOKE_D, SMOKE_BATCH) if args.smoke else (D, OUT, BATCH)
+  timing = rounds_of(args, args.rounds)
   key = jax.random.key(0)
-  params = {"w": jax.random.normal(key, (D, OUT)) / 32}
+  params = {"w": jax.random.normal(key, (d, out)) / 32}
   cfg = jlora.LoraConfig(rank=RANK, alpha=16, targets="w")
 
   def adapter(i):
@@ -56,14 +63,14 @@ def main():
   single = adapter(0)
   wrapped = jlora.wrap(layer)
   rows = []
-  for t in [int(s) for s in args.tokens.split(",")]:
-    x = jax.random.normal(key, (BATCH, t, D))
-    for n in [int(s) for s in args.slots.split(",")]:
+  for t in [int(s) for s in tokens.split(",")]:
+    x = jax.random.normal(key, (batch, t, d))
+    for n in [int(s) for s in slots.split(",")]:
       adapters = [adapter(i) for i in range(n)]
       for per in ("row", "token"):
         if per == "token" and t == 1:
           continue
-        ids = (jnp.arange(BATCH) % n) if per == "row" else (jnp.arange(BATCH * t).reshape(BATCH, t) % n)
+        ids = (jnp.arange(batch) % n) if per == "row" else (jnp.arange(batch * t).reshape(batch, t) % n)
         fns = {"single": (jax.jit(wrapped), (single, x))}
         for strategy in ("gather", "onehot", "ragged"):
           bank = jlora.stack(adapters, strategy=strategy)
@@ -72,7 +79,7 @@ def main():
         for name, (fn, a) in fns.items():
           row[f"{name}_flops"], row[f"{name}_bytes"] = cost(fn, *a)
         times = interleaved_times({k: (lambda fn=fn, a=a: block(fn(*a))) for k, (fn, a) in fns.items()},
-                                  rounds=args.rounds)
+                                  **timing)
         base_t = median(times["single"])
         for k in ("gather", "onehot", "ragged"):
           row[f"{k}_wall_over_single"] = round(median(times[k]) / base_t, 3)
@@ -95,7 +102,7 @@ def main():
           for name, (fn, a) in tfns.items():
             trow[f"{name}_flops"], trow[f"{name}_bytes"] = cost(fn, *a)
           times = interleaved_times({k: (lambda fn=fn, a=a: block(fn(*a))) for k, (fn, a) in tfns.items()},
-                                    rounds=args.rounds)
+                                    **timing)
           base_t = median(times["single"])
           for k in ("gather", "onehot", "ragged"):
             trow[f"{k}_wall_over_single"] = round(median(times[k]) / base_t, 3)
@@ -103,8 +110,8 @@ def main():
           trow["single_wall_s"] = base_t
           print(trow, flush=True)
           rows.append(trow)
-  write_result("bank_strategies", {"config": {"d_in": D, "d_out": OUT, "rank": RANK, "batch": BATCH},
-                                   "rows": rows})
+  write_result("bank_strategies", {"config": {"d_in": d, "d_out": out, "rank": RANK, "batch": batch},
+                                   "rows": rows}, args=args)
 
 
 if __name__ == "__main__":

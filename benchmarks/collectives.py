@@ -6,14 +6,20 @@ mesh, and sums the result sizes of all-reduce / all-gather / reduce-scatter / al
 collective-permute ops. Deterministic (no timing).
 
   python benchmarks/collectives.py     # sets XLA_FLAGS for 8 fake CPU devices itself
+  python benchmarks/collectives.py --smoke   # tiny model (batch 8x16), a few seconds: does it still run?
+
+Results go to benchmarks/results/collectives.json (--smoke: nowhere, unless --out).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 fake CPU devices, other XLA flags kept (setdefault left a set XLA_FLAGS as it was: the 8-device assert failed).
+if "--xla_force_host_platform_device_count=" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+import argparse  # noqa: E402
 import functools  # noqa: E402
 import warnings  # noqa: E402
 
@@ -24,22 +30,27 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jlora  # noqa: E402
 import jlora.sharding as jsh  # noqa: E402
-from _common import ALL_LINEAR, ALPHA, LLAMA, RANK, SEQ, write_result  # noqa: E402
+from _common import (ALL_LINEAR, ALPHA, LLAMA, RANK, SEQ, SMOKE_LLAMA, SMOKE_SEQ, add_smoke_flag,  # noqa: E402
+                     write_result)
 
 warnings.filterwarnings("ignore")
 BATCH = 8
 
 
-def main():
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
   import transformers
 
   assert jax.device_count() == 8, "run with 8 devices"
-  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**LLAMA), seed=0)
+  config, seq = (SMOKE_LLAMA, SMOKE_SEQ) if args.smoke else (LLAMA, SEQ)
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**config), seed=0)
   fwd = lambda p, ids: model(ids, params=p).logits
   mesh = jsh.make_mesh("fsdp=8")
   specs = jsh.partition_specs(model.params, jsh.preset_rules("fsdp"), mesh=mesh)
   params = jsh.put(model.params, specs, mesh)
-  ids = jax.device_put(jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, LLAMA["vocab_size"]),
+  ids = jax.device_put(jax.random.randint(jax.random.key(0), (BATCH, seq), 0, config["vocab_size"]),
                        NamedSharding(mesh, P(jsh.DATA_AXES, None)))
   tx = optax.adamw(1e-4)
 
@@ -68,7 +79,7 @@ def main():
   full = jsh.collective_bytes(full_step.lower(params, tx.init(params), ids).compile())
   lora = jsh.collective_bytes(lora_step.lower(adapters, ltx.init(adapters), frozen, ids).compile())
   result = {
-      "config": {**LLAMA, "batch": BATCH, "seq": SEQ, "rank": RANK, "mesh": "fsdp=8", "preset": "fsdp"},
+      "config": {**config, "batch": BATCH, "seq": seq, "rank": RANK, "mesh": "fsdp=8", "preset": "fsdp"},
       "full_ft_bytes": full, "lora_bytes": lora,
       "full_ft_total": sum(full.values()), "lora_total": sum(lora.values()),
       "reduce_bytes_full": full["all-reduce"] + full["reduce-scatter"],
@@ -76,7 +87,7 @@ def main():
   }
   result["lora_over_full_total"] = result["lora_total"] / result["full_ft_total"]
   result["lora_over_full_reduce"] = result["reduce_bytes_lora"] / max(result["reduce_bytes_full"], 1)
-  write_result("collectives", result)
+  write_result("collectives", result, args=args)
 
 
 if __name__ == "__main__":

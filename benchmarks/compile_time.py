@@ -15,8 +15,9 @@ count, with fresh functions each time (no cache hits), alternating the steps:
 
   python benchmarks/compile_time.py                 # 4, 16 and 32 layers, 2 repeats (minimum kept)
   python benchmarks/compile_time.py --layers 4,16 --repeats 1 --models unrolled
+  python benchmarks/compile_time.py --smoke         # tiny model, 1 layer, 1 repeat: does it still run?
 
-Results go to benchmarks/results/compile_time.json.
+Results go to benchmarks/results/compile_time.json (--smoke: nowhere, unless --out).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from _common import ALL_LINEAR, ALPHA, LLAMA, RANK, write_result
+from _common import ALL_LINEAR, ALPHA, LLAMA, RANK, add_smoke_flag, shape_of, write_result
 
 warnings.filterwarnings("ignore")
 
@@ -39,14 +40,14 @@ def loss_of(logits, ids):
   return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:]).mean()
 
 
-def build(layers: int):
+def build(layers: int, *, llama: dict = LLAMA, batch: int = 4, seq: int = 256):
   """Fresh (never traced) full fine-tuning and LoRA train steps with their arguments."""
   import transformers
 
-  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, "num_hidden_layers": layers}),
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**{**llama, "num_hidden_layers": layers}),
                                             seed=0, _do_init=True)
   params = model.params
-  ids = jnp.zeros((4, 256), jnp.int32)
+  ids = jnp.zeros((batch, seq), jnp.int32)
   tx = optax.adamw(1e-4, weight_decay=0.01)
 
   def make_full():
@@ -81,14 +82,14 @@ def build(layers: int):
   return {"full": make_full, "jlora": make_lora, "jlora_autodiff": lambda: make_lora(False), "qwix": make_qwix}
 
 
-def build_scanned(layers: int):
+def build_scanned(layers: int, *, llama: dict = LLAMA, batch: int = 4, seq: int = 256):
   """The same steps on ``jlora.models``' scanned decoder, from abstract shapes (nothing runs)."""
   import jlora.models
 
   model = jlora.models.Decoder(jlora.models.ModelConfig.from_hf(
-      {"model_type": "llama", **LLAMA, "num_hidden_layers": layers, "tie_word_embeddings": False}))
+      {"model_type": "llama", **llama, "num_hidden_layers": layers, "tie_word_embeddings": False}))
   shapes = model.shapes()
-  ids = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+  ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   tx = optax.adamw(1e-4, weight_decay=0.01)
   fwd = lambda p, ids: model(p, ids)
 
@@ -132,27 +133,34 @@ def timed(make) -> dict:
   return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2, "total_s": t3 - t0}
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--layers", default="4,16,32", help="comma-separated layer counts")
-  ap.add_argument("--repeats", type=int, default=2, help="measurements per step and layer count (minimum kept)")
+  ap.add_argument("--layers", default=None, help="comma-separated layer counts (default: 4,16,32; with --smoke: 1)")
+  ap.add_argument("--repeats", type=int, default=None,
+                  help="measurements per step and layer count (minimum kept; default: 2, with --smoke: 1)")
   ap.add_argument("--models", default="unrolled,scanned", help="unrolled (HF Flax Llama) and/or scanned (jlora.models)")
-  args = ap.parse_args()
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
+  layer_counts = args.layers or ("1" if args.smoke else "4,16,32")
+  repeats = args.repeats or (1 if args.smoke else 2)
+  shape = shape_of(args, llama=LLAMA, batch=4, seq=256)
   try:
     import qwix  # noqa: F401
     have_qwix = True
   except ImportError:
     have_qwix = False
-  result = {"model": {**LLAMA, "batch": 4, "seq": 256, "rank": RANK, "targets": ALL_LINEAR}}
+    print("qwix not installed: its step is skipped (pip install qwix==0.1.8)", flush=True)
+  result = {"model": {**shape["llama"], "batch": shape["batch"], "seq": shape["seq"], "rank": RANK,
+                      "targets": ALL_LINEAR}}
   for kind in [k for k in args.models.split(",") if k]:
     result[kind] = {}
-    for layers in [int(x) for x in args.layers.split(",") if x]:
-      makers = build(layers) if kind == "unrolled" else build_scanned(layers)
+    for layers in [int(x) for x in layer_counts.split(",") if x]:
+      makers = build(layers, **shape) if kind == "unrolled" else build_scanned(layers, **shape)
       if kind == "unrolled" and not have_qwix:
         makers.pop("qwix")
         result["qwix"] = "not installed (pip install qwix==0.1.8)"
       runs = {name: [] for name in makers}
-      for _ in range(args.repeats):  # alternate, so that machine noise hits all alike
+      for _ in range(repeats):  # alternate, so that machine noise hits all alike
         for name, make in makers.items():
           runs[name].append(timed(make))
       best = {k: min(v, key=lambda r: r["total_s"]) for k, v in runs.items()}
@@ -166,7 +174,7 @@ def main():
       print(f"{kind}, {layers} layers: " + ", ".join(f"{n} {best[n]['total_s']:.1f}s" for n in makers)
             + ", " + ", ".join(f"{k} {v:.2f}" for k, v in best.items() if k.endswith(("_over_full", "_over_qwix"))),
             flush=True)
-  write_result("compile_time", result)
+  write_result("compile_time", result, args=args)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ ratios see the same machine load.
 
   python benchmarks/dora_step.py            # everything
   python benchmarks/dora_step.py --quick    # XLA cost analysis only
+  python benchmarks/dora_step.py --smoke    # tiny model, a few seconds: does it still run?
 
-Results go to benchmarks/results/dora_step.json.
+Results go to benchmarks/results/dora_step.json (--smoke: nowhere, unless --out).
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from _common import ALL_LINEAR, ALPHA, BATCH, LLAMA, RANK, SEQ, interleaved_times, median, write_result
+from _common import (ALL_LINEAR, ALPHA, BATCH, LLAMA, RANK, SEQ, add_smoke_flag, interleaved_times, median, rounds_of,
+                     shape_of, write_result)
 from train_step import causal_lm_loss, runner, xla_costs
 
 warnings.filterwarnings("ignore")
 
 
-def jax_steps():
+def jax_steps(llama: dict = LLAMA, batch: int = BATCH, seq: int = SEQ):
   import transformers
 
-  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**LLAMA), seed=0, _do_init=True)
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**llama), seed=0, _do_init=True)
   params = model.params
-  ids = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, LLAMA["vocab_size"])
+  ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, llama["vocab_size"])
   fwd = lambda p, ids: model(ids, params=p).logits
   tx = optax.adamw(1e-4, weight_decay=0.01)
   targets = rf".*/({'|'.join(ALL_LINEAR)})/kernel"
@@ -56,14 +58,14 @@ def jax_steps():
   return {"lora": make(False), "dora": make(True)}
 
 
-def torch_steps():
+def torch_steps(llama: dict = LLAMA, batch: int = BATCH, seq: int = SEQ):
   import peft
   import torch
   import transformers
 
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(**LLAMA)
-  ids = torch.randint(0, LLAMA["vocab_size"], (BATCH, SEQ))
+  cfg = transformers.LlamaConfig(**llama)
+  ids = torch.randint(0, llama["vocab_size"], (batch, seq))
 
   def make(dora: bool):
     model = transformers.LlamaForCausalLM(cfg)
@@ -82,32 +84,36 @@ def torch_steps():
   return {"peft_lora": make(False), "peft_dora": make(True)}, torch.get_num_threads()
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="XLA cost analysis only")
   ap.add_argument("--rounds", type=int, default=8)
-  args = ap.parse_args()
-  steps = jax_steps()
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
+  shape = shape_of(args)
+  steps = jax_steps(**shape)
   xla = {k: xla_costs(s, a) for k, (s, a) in steps.items()}
   xla["dora_flops_over_lora"] = xla["dora"]["flops"] / xla["lora"]["flops"]
   xla["dora_temp_over_lora"] = xla["dora"]["temp_bytes"] / xla["lora"]["temp_bytes"]
-  result = {"config": {**LLAMA, "batch": BATCH, "seq": SEQ, "rank": RANK, "targets": ALL_LINEAR}, "xla": xla}
+  result = {"config": {**shape["llama"], "batch": shape["batch"], "seq": shape["seq"], "rank": RANK,
+                       "targets": ALL_LINEAR}, "xla": xla}
   if not args.quick:
-    fns = {k: runner(*v) for k, v in steps.items()}
+    fns = {k: runner(*v, donated=True) for k, v in steps.items()}
     try:
-      torch_fns, threads = torch_steps()
+      torch_fns, threads = torch_steps(**shape)
       fns.update(torch_fns)
       result["torch_threads"] = threads
     except ImportError:
       result["peft"] = "torch/peft not installed"
-    times = interleaved_times(fns, rounds=args.rounds)
+      print("torch/peft not installed: the PEFT peers are skipped", flush=True)
+    times = interleaved_times(fns, **rounds_of(args, args.rounds))
     wall = {f"{k}_s": median(v) for k, v in times.items()}
     wall["jlora_dora_over_jlora_lora"] = wall["dora_s"] / wall["lora_s"]
     if "peft_dora_s" in wall:
       wall["peft_dora_over_peft_lora"] = wall["peft_dora_s"] / wall["peft_lora_s"]
       wall["jlora_dora_over_peft_dora"] = wall["dora_s"] / wall["peft_dora_s"]
     result["wall"] = wall
-  write_result("dora_step" + ("_quick" if args.quick else ""), result)
+  write_result("dora_step" + ("_quick" if args.quick else ""), result, args=args)
 
 
 if __name__ == "__main__":

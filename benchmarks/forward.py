@@ -4,8 +4,9 @@ Model: Llama-style, d=1024, ffn 2816, 4 layers, vocab 1024, batch 4x256; LoRA r=
 linear kinds. Reports XLA FLOPs (deterministic) and wall-time ratios measured side by side.
 
   python benchmarks/forward.py
+  python benchmarks/forward.py --smoke     # tiny model, a few seconds: does it still run?
 
-Results go to benchmarks/results/forward.json.
+Results go to benchmarks/results/forward.json (--smoke: nowhere, unless --out).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 import jax
 
 import jlora
-from _common import ALL_LINEAR, block, interleaved_times, median, write_result
+from _common import ALL_LINEAR, add_smoke_flag, block, interleaved_times, median, rounds_of, shape_of, write_result
 
 warnings.filterwarnings("ignore")
 
@@ -25,15 +26,18 @@ CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num
 BATCH, SEQ, RANK = 4, 256, 8
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--rounds", type=int, default=10)
-  args = ap.parse_args()
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
   import transformers
 
-  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**CONFIG), seed=0)
+  shape = shape_of(args, llama=CONFIG, batch=BATCH, seq=SEQ)
+  config, batch, seq = shape["llama"], shape["batch"], shape["seq"]
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**config), seed=0)
   params = model.params
-  ids = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, CONFIG["vocab_size"])
+  ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, config["vocab_size"])
   fwd = lambda p, ids: model(ids, params=p).logits
   cfg = jlora.LoraConfig(rank=RANK, alpha=16, targets=rf".*/({'|'.join(ALL_LINEAR)})/kernel")
   lp = jlora.init(jax.random.key(1), params, cfg)
@@ -43,7 +47,7 @@ def main():
       "lora_unmerged": (jax.jit(jlora.wrap(fwd)), lp),
       "merged": (jax.jit(fwd), merged),
   }
-  result = {"config": {**CONFIG, "batch": BATCH, "seq": SEQ, "rank": RANK}}
+  result = {"config": {**config, "batch": batch, "seq": seq, "rank": RANK}}
   flops = {}
   for name, (fn, p) in variants.items():
     cost = fn.lower(p, ids).compile().cost_analysis()
@@ -52,11 +56,11 @@ def main():
   result["xla_flops_unmerged_over_base"] = flops["lora_unmerged"] / flops["base"]
   result["xla_flops_merged_over_base"] = flops["merged"] / flops["base"]
   times = interleaved_times({k: (lambda fn=fn, p=p: block(fn(p, ids))) for k, (fn, p) in variants.items()},
-                            rounds=args.rounds)
+                            **rounds_of(args, args.rounds))
   result["wall_s"] = {k: median(v) for k, v in times.items()}
   result["wall_unmerged_over_base"] = median(times["lora_unmerged"]) / median(times["base"])
   result["wall_merged_over_base"] = median(times["merged"]) / median(times["base"])
-  write_result("forward", result)
+  write_result("forward", result, args=args)
 
 
 if __name__ == "__main__":

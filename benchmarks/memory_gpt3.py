@@ -6,8 +6,10 @@ fine-tuning (and DoRA, and QLoRA when jlora.quant is installed). The paper (Hu e
 §4.2) reports training VRAM 1.2 TB -> 350 GB and checkpoints 350 GB -> 35 MB.
 
   python benchmarks/memory_gpt3.py
+  python benchmarks/memory_gpt3.py --smoke     # the gpt-tiny preset, batch 1x16: does it still run?
 
-Results go to benchmarks/results/memory_gpt3_175b.json (and a .png chart).
+Results go to benchmarks/results/memory_gpt3_175b.json (and a .png chart); --smoke writes
+nothing, or the JSON to --out and the chart beside it.
 """
 
 from __future__ import annotations
@@ -15,19 +17,28 @@ from __future__ import annotations
 import argparse
 import os
 
-from _common import RESULTS_DIR, write_result
+from _common import RESULTS_DIR, add_smoke_flag, write_result
 
 from jlora.memory import _cli
 
 
-def main():
-  args = argparse.Namespace(model="gpt3-175b", targets="query,value", rank=4, alpha=8.0, adapter_dtype="float16",
-                            batch=1, seq=2048, dtype=None, optimizer="adam", methods="full,lora,dora,qlora",
-                            plot=os.path.join(RESULTS_DIR, "memory_gpt3_175b.png"))
-  os.makedirs(RESULTS_DIR, exist_ok=True)
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_smoke_flag(ap)
+  cli = ap.parse_args(argv)
+  plot = os.path.join(RESULTS_DIR, "memory_gpt3_175b.png")
+  if cli.out:
+    plot = os.path.splitext(cli.out)[0] + ".png"
+  elif cli.smoke:
+    plot = ""
+  args = argparse.Namespace(model="gpt-tiny" if cli.smoke else "gpt3-175b", targets="query,value", rank=4, alpha=8.0,
+                            adapter_dtype="float16", batch=1, seq=16 if cli.smoke else 2048, dtype=None,
+                            optimizer="adam", methods="full,lora,dora,qlora", plot=plot)
+  if plot:
+    os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
   result = _cli.run(args)
   print(result["table"])
-  write_result("memory_gpt3_175b", {k: v for k, v in result.items() if k != "table"})
+  write_result("memory_gpt3_175b", {k: v for k, v in result.items() if k != "table"}, args=cli)
 
 
 if __name__ == "__main__":

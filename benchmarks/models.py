@@ -7,6 +7,7 @@ kinds. One train step = loss + grad w.r.t. the adapters + AdamW, jitted with don
 
   python benchmarks/models.py              # everything (~10 min on 2 cores)
   python benchmarks/models.py --quick      # compile-time and memory parts only
+  python benchmarks/models.py --smoke      # tiny model (d=32, 1 and 2 layers), a few seconds: does it still run?
 
 Reports, all measured in one process:
 * LoRA step tokens/s of the native decoder (layers scanned, and unrolled), of transformers'
@@ -16,7 +17,7 @@ Reports, all measured in one process:
   Flax: unrolled), from abstract shapes (no weights are materialised);
 * XLA temp memory of the native LoRA step vs full fine-tuning (memory_analysis).
 
-Results go to benchmarks/results/models.json.
+Results go to benchmarks/results/models.json (--smoke: nowhere, unless --out).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import optax
 
 import jlora
 import jlora.models
-from _common import block, interleaved_times, median, write_result
+from _common import SMOKE_BATCH, SMOKE_SEQ, add_smoke_flag, block, interleaved_times, median, rounds_of, write_result
 
 warnings.filterwarnings("ignore")
 
@@ -45,6 +46,11 @@ HF_CONFIG = dict(model_type="llama", vocab_size=16384, hidden_size=768, intermed
                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 BATCH, SEQ, RANK, ALPHA = 2, 128, 8, 16
+# --smoke: the same model family (GQA, free head_dim, llama3 RoPE scaling) at toy size. Few positions: transformers'
+# Flax Llama builds a (positions x positions) causal mask when initialised (131072² bytes = 16 GiB for HF_CONFIG).
+SMOKE_CONFIG = {**HF_CONFIG, "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
+                "rope_scaling": {**HF_CONFIG["rope_scaling"], "original_max_position_embeddings": 32}}
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FLAX_TARGETS = rf".*/({'|'.join(LINEAR)})/kernel"
 
@@ -86,15 +92,15 @@ def _abstract(tree) -> bool:
   return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
-def native(num_layers: int):
-  cfg = jlora.models.ModelConfig.from_hf({**HF_CONFIG, "num_hidden_layers": num_layers})
+def native(num_layers: int, hf_config: dict = HF_CONFIG):
+  cfg = jlora.models.ModelConfig.from_hf({**hf_config, "num_hidden_layers": num_layers})
   return jlora.models.Decoder(cfg)
 
 
-def flax_model(num_layers: int, *, init: bool):
+def flax_model(num_layers: int, *, init: bool, hf_config: dict = HF_CONFIG):
   import transformers
 
-  hf = {k: v for k, v in HF_CONFIG.items() if k != "model_type"}
+  hf = {k: v for k, v in hf_config.items() if k != "model_type"}
   cfg = transformers.LlamaConfig(**{**hf, "num_hidden_layers": num_layers})
   if init:
     return transformers.FlaxLlamaForCausalLM(cfg, seed=0)
@@ -105,8 +111,8 @@ def lora_config(targets) -> jlora.LoraConfig:
   return jlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets)
 
 
-def ids_array():
-  return jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, HF_CONFIG["vocab_size"])
+def ids_array(hf_config: dict = HF_CONFIG, batch: int = BATCH, seq: int = SEQ):
+  return jax.random.randint(jax.random.key(0), (batch, seq), 0, hf_config["vocab_size"])
 
 
 # -- compile time vs depth ------------------------------------------------------------------
@@ -121,19 +127,19 @@ def compile_seconds(step, args) -> dict:
   return {"trace_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0, "compiled": compiled}
 
 
-def compile_times(depths=(4, 32)) -> dict:
-  ids = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)
+def compile_times(depths=(4, 32), hf_config: dict = HF_CONFIG, batch: int = BATCH, seq: int = SEQ) -> dict:
+  ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   out = {}
   for name in ("native", "flax"):
     for depth in depths:
       if name == "native":
-        model = native(depth)
+        model = native(depth, hf_config)
         shapes = model.shapes()
         lp = jax.eval_shape(lambda p: jlora.init(jax.random.key(1), p, lora_config(model.targets("all-linear")),
                                                  layout=model.layout), shapes)
         forward = lambda p, x, m=model: m(p, x)
       else:
-        model = flax_model(depth, init=False)
+        model = flax_model(depth, init=False, hf_config=hf_config)
         shapes = jax.eval_shape(lambda m=model: m.init_weights(jax.random.key(0), (1, 1)))
         lp = jax.eval_shape(lambda p: jlora.init(jax.random.key(1), p, lora_config(FLAX_TARGETS)), shapes)
         forward = lambda p, x, m=model: m(x, params=p).logits
@@ -142,15 +148,15 @@ def compile_times(depths=(4, 32)) -> dict:
       out[f"{name}_{depth}"] = {k: round(v, 3) for k, v in r.items() if k != "compiled"}
       print(name, depth, out[f"{name}_{depth}"], flush=True)
   for name in ("native", "flax"):
-    out[f"{name}_32_over_4"] = round(out[f"{name}_{depths[1]}"]["total_s"] / out[f"{name}_{depths[0]}"]["total_s"], 3)
+    out[f"{name}_{depths[1]}_over_{depths[0]}"] = round(
+        out[f"{name}_{depths[1]}"]["total_s"] / out[f"{name}_{depths[0]}"]["total_s"], 3)
   return out
 
 
 # -- memory ------------------------------------------------------------------------------------
 
 
-def memory(model, params, lp) -> dict:
-  ids = ids_array()
+def memory(model, params, lp, ids) -> dict:
   lstep, largs = lora_step(lambda p, x: model(p, x), lp)
   fstep, fargs = full_step(lambda p, x: model(p, x), params)
   res = {}
@@ -177,18 +183,18 @@ def runner(step, args, ids):
   return run
 
 
-def torch_runner():
+def torch_runner(hf_config: dict = HF_CONFIG, ids=None):
   import peft
   import torch
   import transformers
 
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(**{k: v for k, v in HF_CONFIG.items() if k != "model_type"})
+  cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "model_type"})
   model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
                               peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(LINEAR)))
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
-  ids = torch.as_tensor(np.asarray(ids_array()), dtype=torch.long)
+  ids = torch.as_tensor(np.asarray(ids_array() if ids is None else ids), dtype=torch.long)
 
   def run():
     out = model(input_ids=ids, labels=ids)
@@ -199,42 +205,45 @@ def torch_runner():
   return run, torch.get_num_threads()
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="compile time and memory only")
   ap.add_argument("--rounds", type=int, default=6)
-  args = ap.parse_args()
-  model = native(HF_CONFIG["num_hidden_layers"])
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
+  hf_config, batch, seq = (SMOKE_CONFIG, SMOKE_BATCH, SMOKE_SEQ) if args.smoke else (HF_CONFIG, BATCH, SEQ)
+  depths = (1, 2) if args.smoke else (4, 32)
+  model = native(hf_config["num_hidden_layers"], hf_config)
   params = jax.jit(model.init)(jax.random.key(0))
   n_params = int(sum(x.size for x in jax.tree.leaves(params)))
   lp = jax.jit(lambda p: jlora.init(jax.random.key(1), p, lora_config(model.targets("all-linear")),
                                     layout=model.layout))(params)
-  result = {"config": {**HF_CONFIG, "batch": BATCH, "seq": SEQ, "rank": RANK, "alpha": ALPHA, "targets": LINEAR},
+  result = {"config": {**hf_config, "batch": batch, "seq": seq, "rank": RANK, "alpha": ALPHA, "targets": LINEAR},
             "params": n_params, "trainable": jlora.count(lp).trainable}
   print(f"model: {n_params / 1e6:.1f}M params", flush=True)
-  result["xla_memory_native"] = memory(model, params, lp)
+  ids = ids_array(hf_config, batch, seq)
+  result["xla_memory_native"] = memory(model, params, lp, ids)
   print(result["xla_memory_native"], flush=True)
-  result["compile_time"] = compile_times()
+  result["compile_time"] = compile_times(depths, hf_config, batch, seq)
   if not args.quick:
-    ids = ids_array()
-    fm = flax_model(HF_CONFIG["num_hidden_layers"], init=True)
+    fm = flax_model(hf_config["num_hidden_layers"], init=True, hf_config=hf_config)
     flax_lp = jlora.init(jax.random.key(1), fm.params, lora_config(FLAX_TARGETS))
     copy = lambda t: jax.tree.map(jnp.copy, t, is_leaf=lambda x: x is None)  # donated buffers
     unrolled = dataclasses.replace(model, unroll_layers=True)
     fns = {"native": runner(*lora_step(lambda p, x: model(p, x), copy(lp)), ids),
            "native_unrolled": runner(*lora_step(lambda p, x: unrolled(p, x), copy(lp)), ids),
            "flax": runner(*lora_step(lambda p, x: fm(x, params=p).logits, copy(flax_lp)), ids)}
-    torch_run, threads = torch_runner()
+    torch_run, threads = torch_runner(hf_config, ids)
     fns["peft_torch"] = torch_run
-    times = interleaved_times(fns, rounds=args.rounds, warmup=1)
+    times = interleaved_times(fns, **rounds_of(args, args.rounds, warmup=1))
     wall = {f"{k}_s": round(median(v), 4) for k, v in times.items()}
-    wall.update({f"{k}_tokens_per_s": round(BATCH * SEQ / median(v), 1) for k, v in times.items()})
+    wall.update({f"{k}_tokens_per_s": round(batch * seq / median(v), 1) for k, v in times.items()})
     wall["native_over_flax_speed"] = round(median(times["flax"]) / median(times["native"]), 3)
     wall["native_unrolled_over_flax_speed"] = round(median(times["flax"]) / median(times["native_unrolled"]), 3)
     wall["native_over_peft_speed"] = round(median(times["peft_torch"]) / median(times["native"]), 3)
     wall["torch_threads"] = threads
     result["lora_step_wall"] = wall
-  write_result("models" + ("_quick" if args.quick else ""), result)
+  write_result("models" + ("_quick" if args.quick else ""), result, args=args)
 
 
 if __name__ == "__main__":

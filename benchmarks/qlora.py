@@ -16,8 +16,9 @@ Reported per variant: stored base bytes, XLA temp and argument bytes of the comp
 
   python benchmarks/qlora.py              # both shapes, wall times (rounds=6)
   python benchmarks/qlora.py --quick      # XLA memory only
+  python benchmarks/qlora.py --smoke      # the anchor shape on a tiny model, a few seconds: does it still run?
 
-Results go to benchmarks/results/qlora.json.
+Results go to benchmarks/results/qlora.json (--smoke: nowhere, unless --out).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import numpy as np
 import optax
 
 import jlora
-from _common import ALL_LINEAR, ALPHA, RANK, block, interleaved_times, median, write_result
+from _common import (ALL_LINEAR, ALPHA, RANK, SMOKE_BATCH, SMOKE_LLAMA, SMOKE_SEQ, add_smoke_flag, block,
+                     interleaved_times, median, rounds_of, write_result)
 
 warnings.filterwarnings("ignore")
 
@@ -42,6 +44,9 @@ SHAPES = {
     "weights": dict(llama=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
                                num_key_value_heads=8, vocab_size=1024, max_position_embeddings=512), batch=1, seq=64),
 }
+# --smoke: each shape on the tiny model (its kernels still hold whole 64-value blocks).
+SMOKE_SHAPES = {"anchor": dict(llama=SMOKE_LLAMA, batch=SMOKE_BATCH, seq=SMOKE_SEQ),
+                "weights": dict(llama=SMOKE_LLAMA, batch=1, seq=SMOKE_SEQ // 2)}
 TARGETS = rf".*/({'|'.join(ALL_LINEAR)})/kernel"
 
 
@@ -126,10 +131,10 @@ def runner(step, args):
   return run
 
 
-def bench(shape: str, rounds: int, quick: bool) -> dict:
+def bench(shape: str, rounds: int, quick: bool, *, warmup: int = 2, smoke: bool = False) -> dict:
   import transformers
 
-  spec = SHAPES[shape]
+  spec = (SMOKE_SHAPES if smoke else SHAPES)[shape]
   model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**spec["llama"]), seed=0, dtype=jnp.bfloat16)
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params)
   ids = jax.random.randint(jax.random.key(0), (spec["batch"], spec["seq"]), 0, spec["llama"]["vocab_size"])
@@ -142,6 +147,7 @@ def bench(shape: str, rounds: int, quick: bool) -> dict:
     variants["qwix_qlora"] = qwix_step(model, params, ids)
   except ImportError:
     out["qwix_qlora"] = "not installed (pip install qwix==0.1.8)"
+    print(f"{shape}: qwix not installed, its QLoRA skipped (pip install qwix==0.1.8)", flush=True)
   except ValueError as e:  # qwix tiles only contraction axes that are multiples of the tile
     out["qwix_qlora"] = f"qwix refuses this model: {e}"
   ref = None
@@ -153,7 +159,7 @@ def bench(shape: str, rounds: int, quick: bool) -> dict:
       for k in ("base_bytes", "temp_bytes", "peak_bytes"):
         m[f"{k}_over_bf16_lora"] = m[k] / ref[k]
   if not quick:
-    times = interleaved_times({k: runner(s, a) for k, (s, a, _) in variants.items()}, rounds=rounds)
+    times = interleaved_times({k: runner(s, a) for k, (s, a, _) in variants.items()}, rounds=rounds, warmup=warmup)
     for k, v in times.items():
       out[k]["step_s"] = median(v)
       if k != "bf16_lora":
@@ -161,14 +167,22 @@ def bench(shape: str, rounds: int, quick: bool) -> dict:
   return out
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="XLA memory only (no wall time)")
   ap.add_argument("--rounds", type=int, default=6)
-  ap.add_argument("--shapes", default="anchor,weights")
-  args = ap.parse_args()
-  result = {name: bench(name, args.rounds, args.quick) for name in args.shapes.split(",")}
-  write_result("qlora" + ("_quick" if args.quick else ""), result)
+  ap.add_argument("--shapes", default=None, help="comma-separated subset of anchor,weights (default: both; "
+                                                 "with --smoke: anchor)")
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
+  shapes = [s for s in (args.shapes or ("anchor" if args.smoke else "anchor,weights")).split(",") if s]
+  unknown = [s for s in shapes if s not in SHAPES]
+  if unknown:
+    ap.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+  timing = rounds_of(args, args.rounds)
+  result = {name: bench(name, timing["rounds"], args.quick, warmup=timing["warmup"], smoke=args.smoke)
+            for name in shapes}
+  write_result("qlora" + ("_quick" if args.quick else ""), result, args=args)
 
 
 if __name__ == "__main__":

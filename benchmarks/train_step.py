@@ -18,8 +18,10 @@ donated buffers. Peers in the same run: qwix 0.1.8 (JAX) and PEFT on PyTorch CPU
   python benchmarks/train_step.py                   # everything
   python benchmarks/train_step.py --quick           # XLA cost and memory analysis only
   python benchmarks/train_step.py --shapes mha_t256 # one shape
+  python benchmarks/train_step.py --smoke           # tiny model, a few seconds: does it still run?
 
-Results go to benchmarks/results/train_step.json (train_step_quick.json with --quick).
+Results go to benchmarks/results/train_step.json (train_step_quick.json with --quick); --smoke
+writes none (unless --out), and shrinks each shape to the tiny model of _common.SMOKE_LLAMA.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from _common import ALL_LINEAR, ALPHA, LLAMA, RANK, block, interleaved_times, median, write_result
+from _common import (ALL_LINEAR, ALPHA, LLAMA, RANK, SMOKE_BATCH, SMOKE_LLAMA, SMOKE_SEQ, add_smoke_flag, block,
+                     interleaved_times, median, rounds_of, write_result)
 
 warnings.filterwarnings("ignore")
 
@@ -49,19 +52,27 @@ def causal_lm_loss(logits, ids):
   return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
 
-def model_config(shape: str) -> dict:
+def shape_spec(shape: str, smoke: bool = False) -> dict:
+  """Batch, sequence and KV heads of a shape; ``smoke``: the same head ratio on the tiny model."""
   s = SHAPES[shape]
-  return {**LLAMA, "num_key_value_heads": s["num_key_value_heads"]}
+  if not smoke:
+    return s
+  kv = SMOKE_LLAMA["num_attention_heads"] * s["num_key_value_heads"] // LLAMA["num_attention_heads"]
+  return {"num_key_value_heads": kv, "batch": SMOKE_BATCH, "seq": SMOKE_SEQ}
 
 
-def jax_steps(shape: str):
+def model_config(shape: str, smoke: bool = False) -> dict:
+  s = shape_spec(shape, smoke)
+  return {**(SMOKE_LLAMA if smoke else LLAMA), "num_key_value_heads": s["num_key_value_heads"]}
+
+
+def jax_steps(shape: str, smoke: bool = False):
   import transformers
 
-  s = SHAPES[shape]
-  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**model_config(shape)), seed=0,
-                                            _do_init=True)
+  s, config = shape_spec(shape, smoke), model_config(shape, smoke)
+  model = transformers.FlaxLlamaForCausalLM(transformers.LlamaConfig(**config), seed=0, _do_init=True)
   params = model.params
-  ids = jax.random.randint(jax.random.key(0), (s["batch"], s["seq"]), 0, LLAMA["vocab_size"])
+  ids = jax.random.randint(jax.random.key(0), (s["batch"], s["seq"]), 0, config["vocab_size"])
   fwd = lambda p, ids: model(ids, params=p).logits
   tx = optax.adamw(1e-4, weight_decay=0.01)
 
@@ -170,16 +181,16 @@ def runner(step, args, donated: bool):
   return run
 
 
-def torch_steps(shape: str):
+def torch_steps(shape: str, smoke: bool = False):
   """PEFT LoRA, full fine-tuning and the floor (no weight gradient) on PyTorch CPU."""
   import peft
   import torch
   import transformers
 
-  s = SHAPES[shape]
+  s, config = shape_spec(shape, smoke), model_config(shape, smoke)
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(**model_config(shape))
-  ids = torch.randint(0, LLAMA["vocab_size"], (s["batch"], s["seq"]))
+  cfg = transformers.LlamaConfig(**config)
+  ids = torch.randint(0, config["vocab_size"], (s["batch"], s["seq"]))
 
   def make(kind: str):
     model = transformers.LlamaForCausalLM(cfg)
@@ -207,17 +218,19 @@ def torch_steps(shape: str):
   return {"torch_full": make("full"), "peft_lora": make("lora"), "torch_floor": make("floor")}, torch.get_num_threads()
 
 
-def run_shape(shape: str, *, quick: bool, rounds: int, torch_peers: bool) -> dict:
-  s = SHAPES[shape]
-  model, steps, counts = jax_steps(shape)
+def run_shape(shape: str, *, quick: bool, rounds: int, torch_peers: bool, warmup: int = 2,
+              smoke: bool = False) -> dict:
+  s = shape_spec(shape, smoke)
+  model, steps, counts = jax_steps(shape, smoke)
   ids = steps["full"][1][2]
-  result = {"config": {**model_config(shape), "batch": s["batch"], "seq": s["seq"], "rank": RANK,
+  result = {"config": {**model_config(shape, smoke), "batch": s["batch"], "seq": s["seq"], "rank": RANK,
                        "targets": ALL_LINEAR},
             "trainable": counts.trainable, "total": counts.total}
   try:
     steps["qwix"] = qwix_step(model, ids)
   except ImportError:
     result["qwix"] = "not installed (pip install qwix==0.1.8)"
+    print(f"{shape}: qwix not installed, its step skipped (pip install qwix==0.1.8)", flush=True)
   xla = {name: xla_costs(step, a) for name, (step, a) in steps.items()}
   for name in list(xla):
     for ref in ("floor", "full"):
@@ -234,11 +247,12 @@ def run_shape(shape: str, *, quick: bool, rounds: int, torch_peers: bool) -> dic
   threads = None
   if torch_peers:
     try:
-      peers, threads = torch_steps(shape)
+      peers, threads = torch_steps(shape, smoke)
       fns.update(peers)
     except ImportError:
       result["wall_torch"] = "torch/peft not installed"
-  times = interleaved_times(fns, rounds=rounds)
+      print(f"{shape}: torch/peft not installed, the PyTorch peers skipped", flush=True)
+  times = interleaved_times(fns, rounds=rounds, warmup=warmup)
   wall = {f"{k}_s": median(v) for k, v in times.items()}
   for k in times:
     if k != "floor" and k in steps:
@@ -255,21 +269,24 @@ def run_shape(shape: str, *, quick: bool, rounds: int, torch_peers: bool) -> dic
   return result
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="XLA cost and memory analysis only (no wall time, no torch)")
   ap.add_argument("--rounds", type=int, default=8, help="timed rounds per step (medians are reported)")
-  ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+  ap.add_argument("--shapes", default=None,
+                  help=f"comma-separated subset of {list(SHAPES)} (default: all; with --smoke: mha_t256)")
   ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch/PEFT peers")
-  args = ap.parse_args()
-  shapes = [s for s in args.shapes.split(",") if s]
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
+  shapes = [s for s in (args.shapes or ("mha_t256" if args.smoke else ",".join(SHAPES))).split(",") if s]
   unknown = [s for s in shapes if s not in SHAPES]
   if unknown:
     ap.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
   result = {"shapes": {}}
   for shape in shapes:
-    result["shapes"][shape] = run_shape(shape, quick=args.quick, rounds=args.rounds, torch_peers=not args.no_torch)
-  write_result("train_step" + ("_quick" if args.quick else ""), result)
+    result["shapes"][shape] = run_shape(shape, quick=args.quick, torch_peers=not args.no_torch, smoke=args.smoke,
+                                        **rounds_of(args, args.rounds))
+  write_result("train_step" + ("_quick" if args.quick else ""), result, args=args)
 
 
 if __name__ == "__main__":

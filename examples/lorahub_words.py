@@ -15,6 +15,7 @@
    generations.
 
   python examples/lorahub_words.py --out runs/lorahub      # ~5 minutes on 2 CPU cores
+  python examples/lorahub_words.py --smoke --out /tmp/hub  # 2-step adapters, 4 shots, budget 2: does it run?
 
 Results go to ``<out>/results.json`` (numbers in the README's "Many adapters" section).
 """
@@ -28,6 +29,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,14 +74,24 @@ def write_task(path_prefix: str, template: str, fn, *, n_train: int, n_eval: int
   return paths[0], paths[1]
 
 
-def train(task: str, data: str, eval_data: str, out: str, steps: int) -> str:
+# --smoke: each task's fine-tuning run on small batches and a rank-2 adapter, few examples everywhere.
+SMOKE_FINETUNE = ("--batch-size", "2", "--rank", "2")
+SMOKE = dict(steps=2, shots=4, budget=2, eval=4, n_train=32, n_eval=4, max_new_tokens=4, unseen=1)
+
+
+def train_command(data: str, eval_data: str, output_dir: str, steps: int, extra=()) -> list[str]:
+  """The fine-tuning command that trains one task's adapter."""
+  return [sys.executable, "-m", "jlora.finetune", "--data", data, "--eval-data", eval_data, "--output-dir",
+          output_dir, "--steps", str(steps), "--eval-exact-match", "-1", "--eval-every", "100000", "--no-progress",
+          *extra]
+
+
+def train(task: str, data: str, eval_data: str, out: str, steps: int, extra=()) -> str:
   adapter = os.path.join(out, task, "adapter")
   if os.path.isdir(adapter):
     print(f"[{task}] adapter exists: {adapter}")
     return adapter
-  cmd = [sys.executable, "-m", "jlora.finetune", "--data", data, "--eval-data", eval_data, "--output-dir",
-         os.path.join(out, task), "--steps", str(steps), "--eval-exact-match", "-1", "--eval-every", "100000",
-         "--no-progress"]
+  cmd = train_command(data, eval_data, os.path.join(out, task), steps, extra)
   print("$", " ".join(cmd), flush=True)
   t0 = time.time()
   subprocess.run(cmd, check=True)
@@ -87,20 +99,33 @@ def train(task: str, data: str, eval_data: str, out: str, steps: int) -> str:
   return adapter
 
 
-def main() -> int:
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default="runs/lorahub")
-  ap.add_argument("--steps", type=int, default=400, help="fine-tuning steps per task adapter")
-  ap.add_argument("--shots", type=int, default=16, help="examples of the unseen task LoRAHub sees (5-20)")
-  ap.add_argument("--budget", type=int, default=40, help="LoRAHub evaluations (or Adam steps)")
-  ap.add_argument("--eval", type=int, default=200, help="held-out examples of the unseen task")
+  ap.add_argument("--out", default=None, help="default: runs/lorahub (with --smoke: a new temporary directory, "
+                                              "so that a smoke run never mixes with a real run's adapters and results)")
+  ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps per task adapter (default: 400)")
+  ap.add_argument("--shots", type=int, default=None,
+                  help="examples of the unseen task LoRAHub sees (5-20; default: 16)")
+  ap.add_argument("--budget", type=int, default=None, help="LoRAHub evaluations (or Adam steps; default: 40)")
+  ap.add_argument("--eval", type=int, default=None, help="held-out examples of the unseen task (default: 200)")
   ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args()
+  ap.add_argument("--smoke", action="store_true",
+                  help="checks quickly that the example runs: 2-step adapters (batch 2, rank 2) on 32 examples per "
+                       "task, then LoRAHub with budget 2 on 4 shots of the first unseen task, scored on 4 examples")
+  args = ap.parse_args(argv)
+  if args.out is None:
+    args.out = tempfile.mkdtemp(prefix="lorahub-smoke-") if args.smoke else "runs/lorahub"
+  sizes = SMOKE if args.smoke else dict(steps=400, shots=16, budget=40, eval=200, n_train=3000, n_eval=200,
+                                        max_new_tokens=16, unseen=len(UNSEEN))
+  for k in ("steps", "shots", "budget", "eval"):
+    if getattr(args, k) is None:
+      setattr(args, k, sizes[k])
   os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
   adapters_dirs = {}
   for i, (task, (template, fn)) in enumerate(TASKS.items()):
-    tr, ev = write_task(os.path.join(args.out, "data", task), template, fn, n_train=3000, n_eval=200, seed=i)
-    adapters_dirs[task] = train(task, tr, ev, args.out, args.steps)
+    tr, ev = write_task(os.path.join(args.out, "data", task), template, fn, n_train=sizes["n_train"],
+                        n_eval=sizes["n_eval"], seed=i)
+    adapters_dirs[task] = train(task, tr, ev, args.out, args.steps, SMOKE_FINETUNE if args.smoke else ())
 
   import jax
   import jax.numpy as jnp
@@ -127,8 +152,8 @@ def main() -> int:
     return jnp.sum(ce * mask) / jnp.sum(mask), jnp.sum(hit * mask) / jnp.sum(mask)
 
   result = {"shots": args.shots, "budget": args.budget, "seed": args.seed, "steps_per_adapter": args.steps,
-            "tasks": {}}
-  for k, (name, (template, fn)) in enumerate(UNSEEN.items()):
+            **({"smoke": True} if args.smoke else {}), "tasks": {}}
+  for k, (name, (template, fn)) in enumerate(list(UNSEEN.items())[:sizes["unseen"]]):
     tr, ev = write_task(os.path.join(args.out, "data", name), template, fn, n_train=args.shots, n_eval=args.eval,
                         seed=100 + k)
     shots, _ = jlora.data.read_sft(tr)
@@ -155,7 +180,7 @@ def main() -> int:
     rows = {}
     for label, tree in candidates.items():
       loss, acc = (float(v) for v in token_stats(tree, held_tok.ids, held_tok.attention_mask, held_tok.loss_mask))
-      em, _ = exact_match(loaded, tree, held, chat_template=None, max_new_tokens=16)
+      em, _ = exact_match(loaded, tree, held, chat_template=None, max_new_tokens=sizes["max_new_tokens"])
       rows[label] = {"few_shot_loss": round(float(loss_fn(tree)), 4), "heldout_loss": round(loss, 4),
                      "token_accuracy": round(acc, 4), "exact_match": round(em, 4)}
       print(f"[{name}] {label:>18}: few-shot loss {rows[label]['few_shot_loss']:.4f} | held-out loss {loss:.4f} | "

@@ -9,6 +9,7 @@ cores.
 
   python examples/make_tiny_base.py                  # writes jlora/assets/tiny-base
   python examples/make_tiny_base.py --steps 200 --out /tmp/tb   # quicker, elsewhere
+  python examples/make_tiny_base.py --smoke --out /tmp/tb        # a toy model in seconds: does it still run?
 
 The output directory is a regular Hugging Face model directory
 (``config.json``, ``model.safetensors``, tokenizer files) that
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -32,12 +34,21 @@ import optax
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "..", "jlora", "assets", "tiny-base")
 EOS = "<|endoftext|>"
+# The bundled model's shape and training run, and --smoke's: a toy model trained for 2 steps on
+# 20 documentation topics (the smallest vocabulary a byte-level BPE allows is 257).
+MODEL = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, head_dim=32, max_position_embeddings=256)
+SMOKE_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+RUN = dict(vocab=1024, steps=1500, batch=32, seq=128, topics=None)
+SMOKE_RUN = dict(vocab=300, steps=2, batch=2, seq=16, topics=20)
 
 
-def corpus() -> list[str]:
-  from pydoc_data.topics import topics
+def corpus(topics: int | None = None) -> list[str]:
+  """The CPython documentation's topics (the first ``topics`` of them, sorted by name)."""
+  from pydoc_data.topics import topics as docs
 
-  return [topics[k] for k in sorted(topics)]
+  return [docs[k] for k in sorted(docs)[:topics]]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -56,21 +67,32 @@ def train_tokenizer(texts: list[str], vocab_size: int):
                                  unk_token=EOS, model_input_names=["input_ids", "attention_mask"])
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default=DEFAULT_OUT)
-  ap.add_argument("--vocab", type=int, default=1024)
-  ap.add_argument("--steps", type=int, default=1500)
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--seq", type=int, default=128)
+  ap.add_argument("--out", default=None, help="default: jlora/assets/tiny-base (with --smoke: a new temporary "
+                                              "directory; the bundled model is never overwritten by a smoke run)")
+  ap.add_argument("--vocab", type=int, default=None, help=f"default: {RUN['vocab']}")
+  ap.add_argument("--steps", type=int, default=None, help=f"default: {RUN['steps']}")
+  ap.add_argument("--batch", type=int, default=None, help=f"default: {RUN['batch']}")
+  ap.add_argument("--seq", type=int, default=None, help=f"default: {RUN['seq']}")
   ap.add_argument("--lr", type=float, default=3e-3)
   ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args()
+  ap.add_argument("--smoke", action="store_true",
+                  help=f"a toy model ({SMOKE_MODEL['hidden_size']} wide, {SMOKE_MODEL['num_hidden_layers']} layer) "
+                       f"trained for {SMOKE_RUN['steps']} steps on {SMOKE_RUN['topics']} topics: checks in seconds "
+                       "that the script runs")
+  args = ap.parse_args(argv)
+  run = SMOKE_RUN if args.smoke else RUN
+  for k in ("vocab", "steps", "batch", "seq"):
+    if getattr(args, k) is None:
+      setattr(args, k, run[k])
+  if args.out is None:
+    args.out = tempfile.mkdtemp(prefix="tiny-base-smoke-") if args.smoke else DEFAULT_OUT
   from tqdm import tqdm
 
   import jlora.models
 
-  texts = corpus()
+  texts = corpus(run["topics"])
   tokenizer = train_tokenizer(texts, args.vocab)
   eos = tokenizer.eos_token_id
   ids = []
@@ -84,10 +106,8 @@ def main():
 
   config = jlora.models.ModelConfig.from_hf({
       "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tokenizer),
-      "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
-      "num_key_value_heads": 4, "head_dim": 32, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
-      "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": eos, "eos_token_id": eos,
-      "pad_token_id": eos, "tie_word_embeddings": False})
+      **(SMOKE_MODEL if args.smoke else MODEL), "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+      "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "tie_word_embeddings": False})
   model = jlora.models.Decoder(config)
   params = model.init(jax.random.key(args.seed))
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -128,7 +148,7 @@ def main():
     json.dump({"source": "pydoc_data.topics (CPython stdlib)", "tokens": int(len(ids)),
                "steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                "seed": args.seed, "params": int(n_params), "val_loss": val,
-               "script": "examples/make_tiny_base.py"}, f, indent=2)
+               "script": "examples/make_tiny_base.py" + (" --smoke" if args.smoke else "")}, f, indent=2)
   print(f"wrote {os.path.abspath(args.out)}")
 
 

@@ -13,6 +13,7 @@ Model: a random Llama (d=512, ffn 1376, 4 layers, 8 heads, vocab 1024; ``--bundl
 bundled tiny base instead), LoRA r=8, alpha 16 on all seven linear kinds, random non-zero B.
 
   python examples/serve_many.py            # writes benchmarks/results/serve_many.json
+  python examples/serve_many.py --smoke    # tiny model, 8 rows over 1 and 4 adapters; writes only to --out
 """
 
 from __future__ import annotations
@@ -28,18 +29,21 @@ import jlora
 import jlora.models
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from _common import LLAMA, interleaved_times, median, write_result  # noqa: E402
+from _common import LLAMA, SMOKE_LLAMA, add_smoke_flag, interleaved_times, median, rounds_of, write_result  # noqa: E402
 
 ROWS, PROMPT, NEW, RANK, ALPHA = 64, 16, 32, 8, 16
 COUNTS = (1, 4, 16, 64)
+ONEHOT = 16  # the bank also timed with the one-hot selection
+# --smoke: the same run on a tiny model, 8 rows over 1 and 4 adapters, 4 new tokens.
+SMOKE = dict(llama=SMOKE_LLAMA, rows=8, prompt=4, new=4, counts=(1, 4), onehot=4)
 
 
-def base_model(bundled: bool):
+def base_model(bundled: bool, llama: dict = LLAMA):
   if bundled:
     from jlora.finetune.config import DEFAULT_MODEL
 
     return jlora.models.load(DEFAULT_MODEL)
-  model = jlora.models.Decoder(jlora.models.ModelConfig.from_hf({"model_type": "llama", **LLAMA}))
+  model = jlora.models.Decoder(jlora.models.ModelConfig.from_hf({"model_type": "llama", **llama}))
   return model, jax.jit(model.init)(jax.random.key(0))
 
 
@@ -56,24 +60,28 @@ def make_adapters(model, params, n: int) -> list:
   return [one(jax.random.key(1 + i)) for i in range(n)]
 
 
-def main() -> None:
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--rounds", type=int, default=5, help="Timed rounds (each runs every configuration once).")
   ap.add_argument("--bundled", action="store_true", help="Use the bundled tiny base instead of the random Llama.")
-  args = ap.parse_args()
-  model, params = base_model(args.bundled)
-  adapters = make_adapters(model, params, max(COUNTS))
+  add_smoke_flag(ap)
+  args = ap.parse_args(argv)
+  sz = SMOKE if args.smoke else dict(llama=LLAMA, rows=ROWS, prompt=PROMPT, new=NEW, counts=COUNTS, onehot=ONEHOT)
+  n_rows, new, counts, onehot = sz["rows"], sz["new"], sz["counts"], sz["onehot"]
+  model, params = base_model(args.bundled, sz["llama"])
+  adapters = make_adapters(model, params, max(counts))
   vocab = model.config.vocab_size
-  prompts = np.asarray(jax.random.randint(jax.random.key(0), (ROWS, PROMPT), 3, vocab))
-  rows = np.arange(ROWS)
+  prompts = np.asarray(jax.random.randint(jax.random.key(0), (n_rows, sz["prompt"]), 3, vocab))
+  rows = np.arange(n_rows)
 
   def gen(p, **kw):
-    return jlora.models.generate(model, p, prompts, max_new_tokens=NEW, eos_id=(), **kw)
+    return jlora.models.generate(model, p, prompts, max_new_tokens=new, eos_id=(), **kw)
 
   configs = {"merged": (jlora.merge(adapters[0]), {}), "single": (adapters[0], {})}
-  for n in COUNTS:
+  for n in counts:
     configs[f"bank_{n}"] = (jlora.stack(adapters[:n]), {"adapter_ids": rows % n})
-  configs["bank_16_onehot"] = (jlora.stack(adapters[:16], strategy="onehot"), {"adapter_ids": rows % 16})
+  configs[f"bank_{onehot}_onehot"] = (jlora.stack(adapters[:onehot], strategy="onehot"),
+                                      {"adapter_ids": rows % onehot})
 
   # correctness first: each row of the 4-adapter batch is what its adapter generates alone
   mixed = gen(configs["bank_4"][0], **configs["bank_4"][1])
@@ -82,19 +90,21 @@ def main() -> None:
     assert all(mixed[r] == alone[r] for r in rows[rows % 4 == k]), f"adapter {k}: batched rows differ"
 
   fns = {name: (lambda p=p, kw=kw: gen(p, **kw)) for name, (p, kw) in configs.items()}
-  times = interleaved_times(fns, rounds=args.rounds, warmup=1)  # generate returns host lists: synchronous
+  timing = rounds_of(args, args.rounds, warmup=1)
+  times = interleaved_times(fns, **timing)  # generate returns host lists: synchronous
   t_single = median(times["single"])
-  config = dict(LLAMA) if not args.bundled else {"model": "bundled tiny base"}
+  config = dict(sz["llama"]) if not args.bundled else {"model": "bundled tiny base"}
   result = {
-      "command": "python examples/serve_many.py" + (" --bundled" if args.bundled else ""),
-      "config": {**config, "rows": ROWS, "prompt_tokens": PROMPT, "new_tokens": NEW, "rank": RANK, "alpha": ALPHA,
-                 "targets": "all-linear", "counts": list(COUNTS), "rounds": args.rounds},
-      "generate_tokens_per_s": {k: round(ROWS * NEW / median(v), 1) for k, v in times.items()},
+      "command": "python examples/serve_many.py" + (" --bundled" if args.bundled else "")
+                 + (" --smoke" if args.smoke else ""),
+      "config": {**config, "rows": n_rows, "prompt_tokens": sz["prompt"], "new_tokens": new, "rank": RANK,
+                 "alpha": ALPHA, "targets": "all-linear", "counts": list(counts), "rounds": timing["rounds"]},
+      "generate_tokens_per_s": {k: round(n_rows * new / median(v), 1) for k, v in times.items()},
       "throughput_over_single": {k: round(t_single / median(v), 3) for k, v in times.items()},
       "seconds_median": {k: round(median(v), 4) for k, v in times.items()},
       "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
   }
-  write_result("serve_many" + ("_bundled" if args.bundled else ""), result)
+  write_result("serve_many" + ("_bundled" if args.bundled else ""), result, args=args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ one with ``jlora.finetune.numerics.pin()`` and one without;
 the parent then asks them in turn to run ``--steps`` steps, so that machine noise
 hits both alike, and reports the median time per step and the ratio.
 
-  python benchmarks/reproducible_numerics.py [--rounds 7] [--steps 20]
+  python benchmarks/reproducible_numerics.py --rounds 7 --steps 20   # the defaults
+  python benchmarks/reproducible_numerics.py --smoke   # one round of one step (what the suite runs)
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ def worker(pinned: bool) -> None:
   import jlora.models
   from jlora.finetune import TrainConfig
 
+  from jlora.finetune.options import DEFAULT_MODEL
+
   cfg = TrainConfig()  # the default command's sizes: bundled model, batch, sequence length, rank, targets
-  model, params = jlora.models.load(cfg.model_dir)
+  model, params = jlora.models.load(cfg.model or DEFAULT_MODEL)
   lora_cfg = jlora.LoraConfig(rank=cfg.rank, alpha=cfg.alpha, targets=model.targets(cfg.targets))
   adapters, frozen = jlora.split(jlora.init(jax.random.key(0), params, lora_cfg, layout=model.layout))
   inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(cfg.lr, weight_decay=cfg.weight_decay))
@@ -78,13 +81,17 @@ def main() -> None:
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--steps", type=int, default=20, help="steps per measurement")
   ap.add_argument("--worker", choices=["pinned", "default"], help=argparse.SUPPRESS)
+  from _common import add_smoke_flag, median, write_result
+
+  add_smoke_flag(ap)
   args = ap.parse_args()
   if args.worker:
     worker(args.worker == "pinned")
     return
-  from _common import median, write_result
-
-  env = {**os.environ, "XLA_FLAGS": ""}
+  if args.smoke:
+    args.rounds, args.steps = 1, 1
+  # The workers' XLA flags: none but the pin (a smoke run keeps the caller's fast-compile flags).
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") if args.smoke else ""}
   procs = {name: subprocess.Popen([sys.executable, __file__, "--worker", name], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env)
            for name in ("default", "pinned")}
@@ -109,7 +116,7 @@ def main() -> None:
       "seconds_per_step": times,
       "pinned_over_default": median(times["pinned"]) / median(times["default"]),
   }
-  write_result("reproducible_numerics", result)
+  write_result("reproducible_numerics", result, args=args)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,15 @@ def test_collectives_as_a_user_runs_it(tmp_path):
   # (at d=32 the adapters are as large as the kernels' shards: lora_over_full_reduce is 0.005 only at d=512)
   finite(result["lora_over_full_reduce"])
   finite(result["lora_over_full_total"])
+
+
+def test_reproducible_numerics_as_a_user_runs_it(tmp_path):
+  """Its own process: it starts two workers, one pinned (numerics.pin() before JAX starts) and one not."""
+  out = tmp_path / "reproducible_numerics.json"
+  res = subprocess.run([sys.executable, "benchmarks/reproducible_numerics.py", "--smoke", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=smoke_env())
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  assert "pinned: --xla_cpu_max_isa=AVX2" in res.stderr  # the pinned worker says what it pinned
+  result = load_result(out)
+  assert set(result["seconds_per_step_median"]) == {"default", "pinned"}
+  finite(result["pinned_over_default"])

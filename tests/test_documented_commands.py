@@ -27,11 +27,10 @@ from smoke_runs import REPO, run_group, smoke_env
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))),
         "tpu_scripts/README.md"]
-# Scripts whose docstring usage lines are documentation too (reproducible_numerics.py: being reworked elsewhere).
+# Scripts whose docstring usage lines are documentation too.
 SCRIPTS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "benchmarks", "*.py"))
                  + glob.glob(os.path.join(REPO, "examples", "*.py")))
-NOT_RUN = {"benchmarks/_common.py": "helpers shared by the benchmarks, not a program",
-           "benchmarks/reproducible_numerics.py": "being reworked in another branch; no smoke mode yet"}
+NOT_RUN = {"benchmarks/_common.py": "helpers shared by the benchmarks, not a program"}
 
 # program -> test files that run it end to end (on the bundled base where a model is involved).
 COVERAGE = {
@@ -39,10 +38,11 @@ COVERAGE = {
                        "tests/finetune/test_user_install.py", "tests/sharding/test_multihost.py"],
     "jlora-generate": ["tests/finetune/test_cli.py", "tests/finetune/test_options.py", "tests/multi/test_serve.py",
                        "tests/finetune/test_user_install.py"],
-    "jlora.memory": ["tests/memory/test_memory_report.py"],  # --model DIR and --model gpt3-175b: tests/memory/
+    "jlora.memory": ["tests/memory/test_memory_command.py"],  # --model DIR and --model gpt3-175b
     "tpu_scripts/tpu.py": ["tests/test_tpu_scripts.py"],
     **{f"benchmarks/{name}.py": ["tests/test_benchmarks_smoke.py"]
-       for name in ("train_step", "dora_step", "qlora", "compile_time", "forward", "collectives")},
+       for name in ("train_step", "dora_step", "qlora", "compile_time", "forward", "collectives",
+                    "reproducible_numerics")},
     **{f"benchmarks/{name}.py": ["tests/test_benchmarks_smoke_more.py"]
        for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3")},
     **{f"examples/{name}.py": ["tests/test_examples.py"]

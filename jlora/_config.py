@@ -120,8 +120,8 @@ class Rule:
 
   Example:
     >>> import jlora
-    >>> jlora.Rule(pattern=r".*/mlp/.*/kernel", rank=16)
-    Rule(pattern='.*/mlp/.*/kernel', rank=16, alpha=None, layout=None)
+    >>> jlora.Rule(pattern=r".*/mlp/.*/kernel", rank=16, rslora=True)
+    Rule(pattern='.*/mlp/.*/kernel', rank=16, alpha=None, layout=None, rslora=True)
   """
 
   # Regex matched with ``re.fullmatch`` against paths such as ``layers/0/attn/query/kernel``.
@@ -132,6 +132,8 @@ class Rule:
   alpha: float | None = None
   # Explicit kernel layout; ``None`` infers it (see ``jlora.init``).
   layout: KernelLayout | None = None
+  # rsLoRA scaling (alpha/sqrt(rank)) for these kernels; ``None`` uses ``LoraConfig.rslora``.
+  rslora: bool | None = None
 
   def __post_init__(self):
     if not isinstance(self.pattern, str):
@@ -146,6 +148,9 @@ class Rule:
       _check_alpha(self.alpha, f"Rule({self.pattern!r}).alpha")
     if self.layout is not None and not isinstance(self.layout, KernelLayout):
       raise ValueError(f"Rule({self.pattern!r}).layout must be a jlora.KernelLayout.")
+    if self.rslora is not None and not isinstance(self.rslora, bool):
+      raise ValueError(f"Rule({self.pattern!r}).rslora must be True, False or None (LoraConfig.rslora), got "
+                       f"{self.rslora!r}.")
 
 
 def _check_rank(rank: Any, what: str) -> None:
@@ -268,6 +273,7 @@ class LoraConfig:
             "rank": r.rank,
             "alpha": r.alpha,
             "layout": None if r.layout is None else dataclasses.asdict(r.layout),
+            "rslora": r.rslora,
         }
         for r in self.targets
     ]

@@ -138,7 +138,8 @@ def init(
     alpha = target.rule.alpha if target.rule.alpha is not None else config.alpha
     spec = LoraSpec(
         shape=shape, layout=lay, rank=int(rank), alpha=float(alpha),
-        rslora=config.rslora, dropout=float(config.dropout), variant=variant,
+        rslora=config.rslora if target.rule.rslora is None else target.rule.rslora,
+        dropout=float(config.dropout), variant=variant,
     )
     limit = min(spec.fan_in, spec.fan_out)
     if spec.rank > limit:

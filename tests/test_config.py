@@ -65,12 +65,28 @@ def test_bad_rule_and_layout():
     jlora.KernelLayout(in_axes=(0,), batch_axes=(0,))
   with pytest.raises(ValueError, match="layout must be a jlora.KernelLayout"):
     jlora.Rule(pattern="k", layout=(0,))
+  with pytest.raises(ValueError, match=r"Rule\('k'\).rslora must be True, False or None"):
+    jlora.Rule(pattern="k", rslora="yes")
+
+
+def test_rslora_per_rule_overrides_the_config():
+  import jax
+  import jax.numpy as jnp
+
+  params = {"a": {"kernel": jnp.ones((16, 16))}, "b": {"kernel": jnp.ones((16, 16))}}
+  cfg = jlora.LoraConfig(rank=4, alpha=8, targets=[jlora.Rule(pattern="a/kernel", rslora=True), "b/kernel"])
+  lp = jlora.init(jax.random.key(0), params, cfg)
+  assert (lp["a"]["kernel"].spec.scale, lp["b"]["kernel"].spec.scale) == (8 / 2.0, 8 / 4)
+  cfg = jlora.LoraConfig(rank=4, alpha=8, rslora=True, targets=[jlora.Rule(pattern="a/kernel", rslora=False), "b.*"])
+  lp = jlora.init(jax.random.key(0), params, cfg)
+  assert (lp["a"]["kernel"].spec.scale, lp["b"]["kernel"].spec.scale) == (8 / 4, 8 / 2.0)
 
 
 def test_dict_round_trip():
   cfg = jlora.LoraConfig(
       rank=4, alpha=8, rslora=True, dropout=0.1, exclude=["x"],
-      targets=["a", jlora.Rule(pattern="b", rank=2, alpha=3.0, layout=jlora.KernelLayout(in_axes=(1,)))])
+      targets=["a", jlora.Rule(pattern="b", rank=2, alpha=3.0, layout=jlora.KernelLayout(in_axes=(1,)),
+                               rslora=False)])
   assert jlora.LoraConfig.from_dict(cfg.to_dict()) == cfg
   with pytest.raises(ValueError, match="unknown option"):
     jlora.LoraConfig.from_dict({**cfg.to_dict(), "bogus": 1})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -94,31 +95,38 @@ def train_a_few_steps(loaded, lp, steps=3):
   return jlora.combine(adapters, frozen)
 
 
-def jlora_config(arch, *, rslora=False, embedding=False):
+def jlora_config(arch, *, rslora=False, embedding=False, mlp_rslora=None):
   names = ARCHS[arch]
-  rules = [jlora.Rule(pattern=rf".*/({'|'.join(names['mlp'])})/kernel", rank=6, alpha=3.0),
+  rules = [jlora.Rule(pattern=rf".*/({'|'.join(names['mlp'])})/kernel", rank=6, alpha=3.0, rslora=mlp_rslora),
            rf".*/({'|'.join(names['attn'])})/kernel"]
   if embedding:  # GPT-2 ties wte to the output projection (refused on export): use wpe
     rules.append(r".*/(wpe|embed_tokens)/embedding")
   return jlora.LoraConfig(rank=4, alpha=8, rslora=rslora, targets=rules)
 
 
-@pytest.mark.parametrize("rslora,embedding", [(False, False), (True, True)])
-def test_export_loads_in_peft_with_matching_logits(setup, tmp_path, rslora, embedding):
+@pytest.mark.parametrize("rslora,embedding,mlp_rslora", [(False, False, None), (True, True, None),
+                                                       (False, False, True)])
+def test_export_loads_in_peft_with_matching_logits(setup, tmp_path, rslora, embedding, mlp_rslora):
   arch, base_dir, loaded = setup
   layout = jlora.infer_layout(loaded.forward, loaded.params, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-  lp = jlora.init(jax.random.key(0), loaded.params, jlora_config(arch, rslora=rslora, embedding=embedding), layout=layout)
+  lp = jlora.init(jax.random.key(0), loaded.params,
+                  jlora_config(arch, rslora=rslora, embedding=embedding, mlp_rslora=mlp_rslora), layout=layout)
   lp = train_a_few_steps(loaded, lp)
   assert all(np.abs(np.asarray(w.b)).max() > 0 for w in jlora._checkpoint.adapter_weights(lp).values())
   out = jlora.peft.save(str(tmp_path / "peft"), lp, base_model_name_or_path=base_dir, model_type=arch)
   with open(os.path.join(out, "adapter_config.json")) as f:
     cfg = json.load(f)
-  assert cfg["use_rslora"] is rslora
-  # Every module's rank/alpha is the default or its pattern entry (MLP: 6/3.0, attention: 4/8).
+  # Every module's rank is the default or its pattern entry (MLP: 6, attention: 4), and its scale (alpha
+  # over r, or over sqrt(r) with use_rslora) is jlora's: 3/6 or 8/4, and 3/sqrt(6) for a Rule(rslora=True).
+  mlp_scale = 3.0 / (math.sqrt(6) if (rslora if mlp_rslora is None else mlp_rslora) else 6)
   for m in cfg["target_modules"]:
     mlp = any(f".{n}" in m for n in ARCHS[arch]["mlp"])
-    assert cfg["rank_pattern"].get(m, cfg["r"]) == (6 if mlp else 4)
-    assert cfg["alpha_pattern"].get(m, cfg["lora_alpha"]) == (3.0 if mlp else 8.0)
+    r, alpha = cfg["rank_pattern"].get(m, cfg["r"]), cfg["alpha_pattern"].get(m, cfg["lora_alpha"])
+    assert r == (6 if mlp else 4)
+    scale = alpha / (math.sqrt(r) if cfg["use_rslora"] else r)
+    assert scale == pytest.approx(mlp_scale if mlp else 8.0 / (math.sqrt(4) if rslora else 4), rel=1e-12)
+  if mlp_rslora is None:
+    assert cfg["use_rslora"] is rslora
   assert cfg["fan_in_fan_out"] is (arch == "gpt2")
   allowed = {"peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules",
              "lora_dropout", "bias", "use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern",

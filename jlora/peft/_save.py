@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -84,9 +85,10 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
                                   task_type=task_type, adalora_config=adalora_config,
                                   metadata=_header(params, weights, base_fingerprint))
   dora = family == "dora"
-  rslora = {w.spec.rslora for w in weights.values()}
-  if len(rslora) > 1:
-    raise ValueError("jlora.peft.save: PEFT has one use_rslora flag per adapter; this tree mixes both scalings.")
+  # PEFT has one use_rslora flag per adapter: the majority's. A kernel with the other scaling (a
+  # Rule(rslora=...)) keeps its scale through its alpha in alpha_pattern (scale = alpha'/r or alpha'/sqrt(r)).
+  flags = [w.spec.rslora for w in weights.values()]
+  use_rslora = 2 * sum(flags) > len(flags)
   dropout = max(w.spec.dropout for w in weights.values())
   tensors: dict[str, np.ndarray] = {}
   ranks: dict[str, int] = {}
@@ -112,7 +114,8 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       if dora:
         tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = _variants.magnitude_at(w, idx)
       ranks[module] = w.spec.rank
-      alphas[module] = w.spec.alpha
+      alphas[module] = (w.spec.alpha if w.spec.rslora == use_rslora
+                        else w.spec.scale * (math.sqrt(w.spec.rank) if use_rslora else w.spec.rank))
   r = collections.Counter(ranks.values()).most_common(1)[0][0]
   alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
   config = {
@@ -124,7 +127,7 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       "target_modules": sorted(ranks),
       "lora_dropout": dropout,
       "bias": "none",
-      "use_rslora": rslora.pop(),
+      "use_rslora": use_rslora,
       "use_dora": dora,
       "fan_in_fan_out": mm.fan_in_fan_out,
       "rank_pattern": {m: v for m, v in sorted(ranks.items()) if v != r},

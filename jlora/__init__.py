@@ -19,6 +19,8 @@ from jlora._config import LoraConfig
 from jlora._config import Rule
 from jlora._count import ParamCount
 from jlora._count import count
+from jlora._grad import grad
+from jlora._grad import value_and_grad
 from jlora._errors import LoraApplyError
 from jlora._init import init
 from jlora._merge import merge
@@ -72,6 +74,7 @@ __all__ = [
     "dequantize",
     "extract",
     "fingerprint",
+    "grad",
     "infer_layout",
     "init",
     "labels",
@@ -90,5 +93,6 @@ __all__ = [
     "to_lora",
     "trainable_mask",
     "unload",
+    "value_and_grad",
     "wrap",
 ]

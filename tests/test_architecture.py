@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                            "jlora._apply.rules_structural", "jlora._apply.rules_consumers",
                            "jlora._apply.rules_control")),
     ("apply path: evaluator", ("jlora._apply.evaluator", "jlora._apply.wrap", "jlora._apply")),
-    ("tree operations", ("jlora._init", "jlora._partition", "jlora._loraplus", "jlora._optim", "jlora._merge",
+    ("tree operations", ("jlora._init", "jlora._partition", "jlora._grad", "jlora._loraplus", "jlora._optim", "jlora._merge",
                          "jlora._count", "jlora._checkpoint", "jlora.sharding")),
     ("kernel formats and adapter families", ("jlora.quant", "jlora.variants", "jlora.hf")),
     ("PEFT format", ("jlora.peft",)),

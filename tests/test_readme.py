@@ -22,11 +22,12 @@ def test_models_section_runs(tmp_path):
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1).replace('"/tmp/', f'"{tmp_path}/')
   scope: dict = {}
   cwd = os.getcwd()
-  os.chdir(os.path.join(os.path.dirname(__file__), ".."))  # the snippet loads jlora/assets/tiny-base
+  os.chdir(str(tmp_path))  # the snippet finds the bundled model from anywhere (jlora.models.TINY_BASE)
   try:
     exec(compile(code, "README.md models", "exec"), scope)
   finally:
     os.chdir(cwd)
+  assert scope["grads"]["layers"]["mlp"]["up_proj"]["kernel"].a is not None
   assert scope["logits"].shape == (1, 4, 1024)
   assert len(scope["out"][0]) <= 8
   assert (tmp_path / "peft" / "adapter_model.safetensors").exists()

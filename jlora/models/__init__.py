@@ -12,6 +12,8 @@ Example:
   (1, 3, 64)
 """
 
+import os as _os
+
 from jlora.models.config import SUPPORTED_MODEL_TYPES
 from jlora.models.config import ModelConfig
 from jlora.models.config import RopeConfig
@@ -22,8 +24,12 @@ from jlora.models.io import load
 from jlora.models.io import read_config
 from jlora.models.io import save
 
+# The bundled 1M-parameter Llama (pretrained on the CPython docs), a directory like any HF checkpoint.
+TINY_BASE: str = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "assets", "tiny-base")
+
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "TINY_BASE",
     "CheckpointError",
     "Decoder",
     "ModelConfig",

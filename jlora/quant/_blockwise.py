@@ -169,9 +169,37 @@ def dequantize_dynamic(codes: jax.Array, absmax: jax.Array, offset: jax.Array,
   return scaled + jnp.asarray(offset, jnp.float32)[..., None]
 
 
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``a + b`` as a float32 ``s`` and its exact rounding error ``e`` (Knuth's TwoSum)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def _two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``a * b`` as a float32 ``p`` and its exact rounding error (Dekker's product; no FMA needed)."""
+  def split(v):
+    c = jnp.float32(4097.0) * v  # 2^12 + 1 splits a 24-bit significand into two 12-bit halves
+    hi = c - (c - v)
+    return hi, v - hi
+
+  p = a * b
+  ah, al = split(a)
+  bh, bl = split(b)
+  return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
 def mean_f32(x: jax.Array) -> jax.Array:
-  """The mean of a float32 vector with a compensated (Neumaier) sum, correctly rounded in
-  practice: bitsandbytes takes ``absmax.mean()`` with PyTorch's accurate cascade sum."""
+  """The mean of a float32 vector, correctly rounded (bitsandbytes: ``absmax.mean()``).
+
+  The sum is compensated (Neumaier) and kept as a float32 pair ``hi + lo`` (error below
+  ``n·2^-48`` of the sum), the division by ``n`` is refined with the exact remainder
+  ``hi - q·n`` (TwoProduct), so the result is the float32 nearest the exact mean except
+  within ``~n·2^-48`` of a rounding midpoint. ``n`` passes an optimization barrier: XLA
+  would otherwise rewrite ``/ n`` as ``* (1/n)``, a second rounding (1 ulp off in a third
+  of random layers), and the result passes one too, so that every use of it (the stored
+  offset, the subtraction before the nested quantization) is the same value.
+  """
   x = jnp.asarray(x, jnp.float32).reshape(-1)
 
   def combine(a, b):
@@ -181,4 +209,9 @@ def mean_f32(x: jax.Array) -> jax.Array:
     return t, c1 + c2 + e
 
   s, c = lax.reduce((x, jnp.zeros_like(x)), (jnp.float32(0), jnp.float32(0)), combine, (0,))
-  return (s + c) / jnp.float32(x.shape[0])
+  hi, lo = _two_sum(s, c)
+  n = lax.optimization_barrier(jnp.float32(x.shape[0]))
+  q = hi / n
+  p, p_err = _two_prod(q, n)
+  remainder = ((hi - p) - p_err) + lo  # hi - q*n is exact in float32 (Sterbenz), then the small terms
+  return lax.optimization_barrier(q + remainder / n)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fractions
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +131,30 @@ def test_storage_bits_from_bytes():
   single = jlora.quantize(p, targets=".*", double_quant=False)
   assert jlora.quant.storage_bits(single) == pytest.approx(4.5, abs=1e-6)
   assert jlora.count(q).frozen_bytes == nbytes
+
+
+def _exact_mean_f32(x) -> np.float32:
+  """The float32 nearest the exact mean of float32 values (fractions: no rounding until the end)."""
+  x = np.asarray(x, np.float32)
+  mean = sum((fractions.Fraction(float(v)) for v in x), fractions.Fraction(0)) / len(x)
+  f = np.float32(float(mean))
+  near = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
+  return min(near, key=lambda c: abs(fractions.Fraction(float(c)) - mean))
+
+
+def test_double_quant_offset_is_the_correctly_rounded_mean_and_what_the_codes_used():
+  """On 64 random layers: the stored offset is the float32 nearest the exact mean of the block absmaxes
+  (under jit, XLA once turned / n into * (1/n): 1 ulp off in a third of the layers), and the nested
+  codes are those of absmax - (that stored offset) (it once recomputed the offset for each use)."""
+  from jlora.quant import _blockwise
+
+  rng = np.random.default_rng(0)
+  for i in range(64):
+    w = (rng.standard_normal((256, 96)) * rng.uniform(0.01, 1.0)).astype(np.float32)
+    q = jlora.quantize({"w": jnp.asarray(w)}, targets="w")["w"]
+    _, absmax = _blockwise.quantize_4bit(jnp.asarray(w.T).reshape(-1), 64, "nf4")  # torch [out, in] order
+    offset = np.float32(q.nested_offset)
+    assert offset == _exact_mean_f32(absmax), i
+    codes, nested = _blockwise.quantize_dynamic(jnp.asarray(absmax) - offset)
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.absmax).reshape(-1), err_msg=str(i))
+    np.testing.assert_array_equal(np.asarray(nested), np.asarray(q.nested_absmax).reshape(-1), err_msg=str(i))

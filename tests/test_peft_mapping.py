@@ -92,3 +92,27 @@ def test_stacked_kernel_is_unstacked_into_per_layer_modules(tmp_path):
     assert json.load(f)["target_modules"] == [f"model.layers.{i}.mlp.up_proj" for i in range(3)]
   with pytest.raises(ValueError, match="stacked .* ModuleMap"):
     jlora.peft.save(str(tmp_path / "q"), lp)
+
+
+def test_the_same_adapter_gives_the_same_file_in_every_process(tmp_path):
+  """safetensors writes ``__metadata__`` in a hash map's per-process order; jlora's export sorts it."""
+  import subprocess
+  import sys
+
+  code = ("import sys, jax, jax.numpy as jnp, jlora, jlora.peft; "
+          "p = {'model': {'layers': {'0': {'q_proj': {'kernel': jnp.ones((8, 8))}}}}}; "
+          "lp = jlora.init(jax.random.key(0), p, jlora.LoraConfig(rank=2, alpha=4, targets='.*q_proj/kernel')); "
+          "jlora.peft.save(sys.argv[1], lp, base_model_name_or_path='my/base')")
+  files = []
+  for i in range(4):  # the order was random per process: 4 processes all agreeing is 1 chance in 8 by luck
+    out = tmp_path / str(i)
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env={**__import__("os").environ,
+                                                                            "JAX_PLATFORMS": "cpu"})
+    files.append((out / "adapter_model.safetensors").read_bytes())
+  assert all(f == files[0] for f in files)
+  import json
+  import struct
+
+  (length,) = struct.unpack("<Q", files[0][:8])
+  meta = json.loads(files[0][8:8 + length])["__metadata__"]  # (safe_open's dict has its own random order)
+  assert list(meta) == sorted(meta) and meta["format"] == "pt" and len(meta) == 2  # format + base fingerprint

@@ -10,7 +10,9 @@ variants' own tensors and configs (DoRA, AdaLoRA, PiSSA/OLoRA).
 from __future__ import annotations
 
 import itertools
+import json
 import re
+import struct
 
 import jax
 import numpy as np
@@ -49,3 +51,27 @@ def torch_factors(w: LoraWeight) -> list[tuple[tuple[int, ...], np.ndarray, np.n
     bi = b[idx].reshape(spec.rank, -1)  # (r, out_prod)
     out.append((idx, np.ascontiguousarray(ai.T), np.ascontiguousarray(bi.T)))
   return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> str:
+  """``safetensors.numpy.save_file`` with the ``__metadata__`` keys in sorted order: the same adapter
+  gives the same bytes in every process (safetensors writes them in a hash map's per-process order).
+
+  Only the header's key order changes, so its length and every data offset stay as written.
+  """
+  from safetensors.numpy import save_file
+
+  save_file(tensors, path, metadata=metadata)
+  with open(path, "r+b") as f:
+    (length,) = struct.unpack("<Q", f.read(8))
+    raw = f.read(length)
+    header = json.loads(raw)
+    if "__metadata__" in header:
+      header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    canonical += b" " * (length - len(canonical))  # safetensors pads the header with spaces
+    if len(canonical) != length:  # (a different JSON spelling: keep safetensors' own bytes)
+      return path
+    f.seek(8)
+    f.write(canonical)
+  return path

@@ -21,7 +21,8 @@ from jlora import _checkpoint as ck
 from jlora._checkpoint import adapter_weights
 from jlora._weight import LoraWeight, is_lora_weight
 from jlora.peft import _variants
-from jlora.peft._format import CONFIG_NAME, FINGERPRINT_KEY, PREFIX, WEIGHTS_NAME, PeftFormatError, torch_factors
+from jlora.peft._format import (CONFIG_NAME, FINGERPRINT_KEY, PREFIX, WEIGHTS_NAME, PeftFormatError, torch_factors,
+                                write_safetensors)
 from jlora.peft._mapping import ModuleMap
 
 
@@ -66,8 +67,6 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
     >>> json.load(open(os.path.join(d, "adapter_config.json")))["target_modules"]
     ['model.layers.0.q_proj']
   """
-  from safetensors.numpy import save_file
-
   mm = module_map or ModuleMap.for_model_type(model_type)
   weights = adapter_weights(params)
   if not weights:
@@ -137,7 +136,7 @@ def save(directory: str, params: Any, *, base_model_name_or_path: str = "",
       "inference_mode": True,
   }
   os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=_header(params, weights, base_fingerprint))
+  write_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), _header(params, weights, base_fingerprint))
   with open(os.path.join(directory, CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   return directory

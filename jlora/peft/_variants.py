@@ -14,7 +14,7 @@ import numpy as np
 
 from jlora._variant import PLAIN, Variant
 from jlora._weight import LoraSpec, LoraWeight
-from jlora.peft._format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftFormatError, torch_factors
+from jlora.peft._format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PeftFormatError, torch_factors, write_safetensors
 from jlora.variants import AdaLoRA, DoRA
 from jlora.variants import _residual
 
@@ -73,8 +73,6 @@ def save_adalora(directory: str, weights: Mapping[str, LoraWeight], mm, *, base_
                  task_type: str, adalora_config: Mapping[str, Any] | None,
                  metadata: Mapping[str, str] | None = None) -> str:
   """Writes AdaLoRA adapters as PEFT does after training: kept ranks only, with ``rank_pattern``."""
-  from safetensors.numpy import save_file
-
   extra = dict(adalora_config or {})
   unknown = set(extra) - set(_ADALORA_DEFAULTS)
   if unknown:
@@ -109,7 +107,7 @@ def save_adalora(directory: str, weights: Mapping[str, LoraWeight], mm, *, base_
       "inference_mode": True, "rank_pattern": pattern, **_ADALORA_DEFAULTS, **extra,
   }
   os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=dict(metadata or {"format": "pt"}))
+  write_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), dict(metadata or {"format": "pt"}))
   with open(os.path.join(directory, CONFIG_NAME), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   return directory

@@ -11,6 +11,7 @@ import pytest
 
 import jlora
 import jlora.models
+import jlora.peft
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -1,32 +1,37 @@
 """Token log-probabilities from hidden states and an output head, without ``(B, T, V)`` logits.
 
-``token_logprobs`` walks the supervised positions (labels ``>= 0``) in chunks of
-``chunk_size`` rows: per chunk it computes the ``(chunk, V)`` logits, the log-softmax at the
-label and, when the hidden states are being differentiated, the gradient of that
-log-probability with respect to the chunk's hidden states (a per-chunk VJP). Only that
-``(B, T, D)`` gradient is kept for the backward pass, which scales it by the incoming
-cotangent: the logits are neither stored nor recomputed.
+``token_logprobs`` walks the supervised positions (labels ``>= 0``) in blocks of about
+``chunk_size`` positions: per block it computes the logits, the log-softmax at the label and,
+when the hidden states are being differentiated, the gradient of that log-probability with
+respect to the block's hidden states (a per-block VJP). Only that ``(B, T, D)`` gradient is
+kept for the backward pass, which scales it by the incoming cotangent: the logits are neither
+stored nor recomputed.
 
-Cost, with ``N`` supervised positions, hidden size ``D`` and vocabulary ``V``:
+Cost, with ``N`` positions computed, hidden size ``D`` and vocabulary ``V``:
 
 * frozen head (a plain array, not differentiated; LoRA's case): ``2·N·D·V`` FLOPs for the
   logits and ``2·N·D·V`` for the hidden-state gradient, all in the forward pass; the
   backward pass is one elementwise scale. Plain autodiff of materialised logits does the same
-  ``4·N·D·V`` (forward, then ``dlogits @ Wᵀ``). Memory: one ``(chunk, V)`` float32 block at a
-  time plus the ``(B, T, D)`` gradient, instead of ``(B, T, V)`` logits and their cotangent.
+  ``4·N·D·V`` (forward, then ``dlogits @ Wᵀ``). Memory: one block of logits at a time
+  (``chunk_size × V`` float32, about twice that while its gradient is formed) plus the
+  ``(B, T, D)`` gradient, instead of ``(B, T, V)`` logits and their cotangent.
 * head differentiated (a traced array with a tangent): the same forward; the backward pass
-  recomputes each chunk's logits for the kernel gradient: ``8·N·D·V`` against autodiff's
-  ``6·N·D·V``, still one chunk of logits at a time.
-* adapted head (a ``jlora.LoraWeight``: an adapted ``lm_head`` or tied embedding): each chunk
+  recomputes each block's logits for the kernel gradient: ``8·N·D·V`` against autodiff's
+  ``6·N·D·V``, still one block of logits at a time.
+* adapted head (a ``jlora.LoraWeight``: an adapted ``lm_head`` or tied embedding): each block
   runs ``jlora.wrap``ped under ``jax.checkpoint`` with plain autodiff: ``6·N·D·V`` (the
-  chunk's logits are recomputed in the backward pass) plus the low-rank terms.
+  block's logits are recomputed in the backward pass) plus the low-rank terms.
 * the reference pass (nothing differentiated, e.g. under ``jax.lax.stop_gradient``):
   ``2·N·D·V``.
 
-Unsupervised positions (labels ``< 0``) are skipped: the supervised ones are gathered to the
-front (a stable sort of ``B·T`` flags), and chunks past the last supervised position are not
-computed (``lax.cond``). Their log-probability is 0 and so is their gradient. What remains of
-the skipped positions is the partly filled last chunk (fewer than ``chunk_size`` rows).
+Which positions are computed. The rows (sequences) stay a leading axis of every block, so
+that a batch sharded over devices (data parallelism) is computed where it lies, each device
+its own rows. Within each row the supervised positions are moved to the front (a stable sort
+of the row's ``T`` flags); block ``k`` holds positions ``k·c … (k+1)·c − 1`` of every row's
+sorted order, ``c = ceil(chunk_size / rows)``, and blocks past the longest row's supervised
+count are skipped (``lax.cond``). So ``N = rows × c × ceil(max_count / c)``: every row is
+computed up to the longest row's count (rounded up to ``c``), unsupervised positions beyond
+that are not. Unsupervised positions get log-probability 0 and gradient 0.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+import jlora
 from jlora.models.decoder import Head
 
 _F32 = jnp.float32
@@ -71,13 +77,13 @@ def _is_array(x) -> bool:
 
 
 def _chunk_logprobs(weight, h, labels, *, transposed: bool, softcap: float | None, temperature: float):
-  """``log_softmax(softcap(h @ kernel) / temperature)[labels]`` for rows ``h`` ``(n, D)``, in float32."""
+  """``log_softmax(softcap(h @ kernel) / temperature)[labels]`` for ``h`` ``(..., D)``, in float32."""
   logits = Head(weight, transposed=transposed).project(h, preferred_element_type=_F32).astype(_F32)
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   if temperature != 1.0:
     logits = logits / temperature
-  picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
@@ -115,8 +121,6 @@ def token_logprobs_full(hidden: jax.Array, head: Head, labels: jax.Array, *, tem
   fn = functools.partial(_chunk_logprobs, transposed=head.transposed, softcap=head.softcap,
                          temperature=float(temperature))
   if not _is_array(head.weight):
-    import jlora  # noqa: PLC0415  (jlora imports nothing of objectives)
-
     fn = jlora.wrap(fn)
   lp = fn(head.weight, jnp.reshape(hidden, (-1, d)), jnp.where(sup, lab, 0))
   return jnp.where(sup, lp, 0.0).reshape(jnp.shape(labels))
@@ -124,15 +128,17 @@ def token_logprobs_full(hidden: jax.Array, head: Head, labels: jax.Array, *, tem
 
 def token_logprobs(hidden: jax.Array, head: Head, labels: jax.Array, *, chunk_size: int = 1024,
                    temperature: float = 1.0) -> jax.Array:
-  """``log p(labels[..., t] | position t)`` in chunks of positions, never building ``(..., V)`` logits.
+  """``log p(labels[..., t] | position t)`` in blocks of positions, never building ``(..., V)`` logits.
 
   ``logits = softcap(hidden @ kernel) / temperature`` (soft-cap first, as TRL's fused head and
-  GRPO's sampling temperature), computed ``chunk_size`` supervised positions at a time; see the
-  module docstring for the custom VJP and its cost. Which path runs is decided by the head:
+  GRPO's sampling temperature), computed about ``chunk_size`` positions at a time, supervised
+  positions first; the rows (sequences) stay a leading axis, so a batch sharded over devices is
+  computed where it lies. See the module docstring for the custom VJP, which positions are
+  computed and the cost. Which path runs is decided by the head:
 
   * ``head.weight`` a plain array: the custom VJP. If the weight is differentiated too, its
-    gradient is computed in the backward pass by recomputing each chunk's logits.
-  * ``head.weight`` a ``jlora.LoraWeight`` (adapted ``lm_head`` or tied embedding): each chunk
+    gradient is computed in the backward pass by recomputing each block's logits.
+  * ``head.weight`` a ``jlora.LoraWeight`` (adapted ``lm_head`` or tied embedding): each block
     under ``jax.checkpoint`` through ``jlora.wrap`` (the adapter unmerged, without dropout).
 
   Call it outside ``jlora.wrap`` (wrap ``Decoder.hidden_states`` only): inside a wrapped
@@ -142,10 +148,11 @@ def token_logprobs(hidden: jax.Array, head: Head, labels: jax.Array, *, chunk_si
     hidden: ``(..., D)`` hidden states (``Decoder.hidden_states``), any float dtype.
     head: the output ``Head`` (``Decoder.head(params)``).
     labels: ``hidden.shape[:-1]`` integer ids, ``labels[..., t]`` the token position ``t``
-      predicts (``next_token_labels``); negative: unsupervised, skipped, result 0. Ids must be
-      below the vocabulary size.
-    chunk_size: positions per block of logits: the block is ``chunk_size × V`` float32
-      (1024 × 262,144 is 1 GiB; use a smaller chunk for such vocabularies).
+      predicts (``next_token_labels``); negative: unsupervised, result 0. Ids must be below the
+      vocabulary size. The last axis is the sequence, the others are rows.
+    chunk_size: positions per block of logits, ``ceil(chunk_size / rows)`` of each row (at
+      least one): the block is about ``chunk_size × V`` float32, twice that at its peak
+      (1024 × 262,144 × 4 bytes is 1 GiB: use a smaller block for such vocabularies).
     temperature: the logits are divided by it (GRPO's sampling temperature).
 
   Returns:
@@ -168,17 +175,17 @@ def token_logprobs(hidden: jax.Array, head: Head, labels: jax.Array, *, chunk_si
   _check(hidden, head, labels, temperature=temperature, chunk_size=chunk_size, fn="token_logprobs")
   shape = jnp.shape(labels)
   d = jnp.shape(hidden)[-1]
-  h = jnp.reshape(hidden, (-1, d))
-  lab = jnp.asarray(labels).reshape(-1).astype(jnp.int32)
-  n = lab.shape[0]
-  if n == 0:
+  t = shape[-1]
+  rows = int(np.prod(shape[:-1]))
+  if rows * t == 0:
     return jnp.zeros(shape, _F32)
-  c = min(chunk_size, n)
-  chunks = math.ceil(n / c)
+  h = jnp.reshape(hidden, (rows, t, d))
+  lab = jnp.asarray(labels).reshape(rows, t).astype(jnp.int32)
+  c = min(t, math.ceil(chunk_size / rows))  # positions of each row per block
   sup = lab >= 0
-  order = jnp.argsort(~sup, stable=True).astype(jnp.int32)  # supervised positions first, in order
-  count = jnp.sum(sup, dtype=jnp.int32)
-  cfg = (c, chunks, head.transposed, head.softcap, float(temperature))
+  order = jnp.argsort(~sup, axis=1, stable=True).astype(jnp.int32)  # each row: supervised positions first
+  count = jnp.sum(sup, axis=1, dtype=jnp.int32)
+  cfg = (c, math.ceil(t / c), head.transposed, head.softcap, float(temperature))
   if _is_array(head.weight):
     out = _fused(cfg)(h, head.weight, lab, order, count)
   else:
@@ -186,67 +193,84 @@ def token_logprobs(hidden: jax.Array, head: Head, labels: jax.Array, *, chunk_si
   return out.reshape(shape)
 
 
-# -- the chunk loop ---------------------------------------------------------------------------
+# -- the block loop ----------------------------------------------------------------------------
+# Every array keeps the rows as its leading axis; ``order`` (rows, T) sorts each row's supervised
+# positions first, ``count`` (rows,) counts them. Block k: sorted positions k·c ... (k+1)·c − 1.
 
 def _padded(order, c: int, chunks: int):
-  pad = c * chunks - order.shape[0]
-  return jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]) if pad else order
+  pad = c * chunks - order.shape[1]
+  return jnp.pad(order, ((0, 0), (0, pad))) if pad else order
 
 
-def _inverse(order):
-  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+def _rows_take(x, idx):
+  """``x[r, idx[r, j]]`` for ``x`` (rows, T, ...) and ``idx`` (rows, n)."""
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
 
 
-def _chunk_inputs(h, lab, order_p, count, k, c: int):
+def _unsort(sorted_vals, order):
+  """Back to each row's original positions: the inverse of ``_rows_take(x, order)``."""
+  inv = jnp.argsort(order, axis=1)
+  return _rows_take(sorted_vals, inv)
+
+
+def _block_inputs(h, lab, order_p, count, k, c: int):
   start = k * c
-  idx = lax.dynamic_slice(order_p, (start,), (c,))
-  valid = start + jnp.arange(c, dtype=jnp.int32) < count
-  return start, jnp.take(h, idx, axis=0), jnp.where(valid, jnp.take(lab, idx), 0), valid
+  idx = lax.dynamic_slice_in_dim(order_p, start, c, axis=1)
+  valid = start + jnp.arange(c, dtype=jnp.int32)[None, :] < count[:, None]
+  return start, _rows_take(h, idx), jnp.where(valid, _rows_take(lab, idx), 0), valid
+
+
+def _stacked(ys, t: int):
+  """Blocks ``(chunks, rows, c, ...)`` -> sorted positions ``(rows, T, ...)``."""
+  ys = jnp.moveaxis(ys, 0, 1)
+  return ys.reshape((ys.shape[0], ys.shape[1] * ys.shape[2]) + ys.shape[3:])[:, :t]
 
 
 def _loop(cfg, h, weight, lab, order, count, *, with_grad: bool):
-  """Per chunk: log-probs (and their gradient w.r.t. the rows). Returns them in sorted order."""
+  """Per block: log-probs (and their gradient w.r.t. the rows' hidden states), in sorted order."""
   c, chunks, transposed, softcap, temperature = cfg
   fn = functools.partial(_chunk_logprobs, transposed=transposed, softcap=softcap, temperature=temperature)
   order_p = _padded(order, c, chunks)
-  n, d = h.shape
+  rows, t, d = h.shape
+  most = jnp.max(count)
 
   def body(_, k):
-    start, h_c, lab_c, valid = _chunk_inputs(h, lab, order_p, count, k, c)
+    start, h_k, lab_k, valid = _block_inputs(h, lab, order_p, count, k, c)
 
     def compute(_):
       if not with_grad:
-        return jnp.where(valid, fn(weight, h_c, lab_c), 0.0), None
-      lp, vjp = jax.vjp(lambda x: fn(weight, x, lab_c), h_c)
-      (dh,) = vjp(valid.astype(_F32))  # rows past the last supervised position: zero gradient
+        return jnp.where(valid, fn(weight, h_k, lab_k), 0.0), None
+      lp, vjp = jax.vjp(lambda x: fn(weight, x, lab_k), h_k)
+      (dh,) = vjp(valid.astype(_F32))  # padding positions: zero gradient
       return jnp.where(valid, lp, 0.0), dh
 
     def skip(_):
-      return jnp.zeros((c,), _F32), (jnp.zeros((c, d), h.dtype) if with_grad else None)
+      return jnp.zeros((rows, c), _F32), (jnp.zeros((rows, c, d), h.dtype) if with_grad else None)
 
-    return None, lax.cond(start < count, compute, skip, None)
+    return None, lax.cond(start < most, compute, skip, None)
 
   _, (lp, dh) = lax.scan(body, None, jnp.arange(chunks, dtype=jnp.int32))
-  lp = lp.reshape(-1)[:n]
-  return lp, (dh.reshape(-1, d)[:n] if with_grad else None)
+  return _stacked(lp, t), (_stacked(dh, t) if with_grad else None)
 
 
 def _weight_grad(cfg, h, weight, lab, order, count, g_sorted):
-  """``d(Σ g·logp)/d weight``, recomputing each chunk's logits."""
+  """``d(Σ g·logp)/d weight``, recomputing each block's logits."""
   c, chunks, transposed, softcap, temperature = cfg
   fn = functools.partial(_chunk_logprobs, transposed=transposed, softcap=softcap, temperature=temperature)
   order_p = _padded(order, c, chunks)
-  g_p = jnp.concatenate([g_sorted, jnp.zeros((c * chunks - g_sorted.shape[0],), g_sorted.dtype)])
+  g_p = _padded(g_sorted, c, chunks)
+  most = jnp.max(count)
 
   def body(acc, k):
-    start, h_c, lab_c, valid = _chunk_inputs(h, lab, order_p, count, k, c)
+    start, h_k, lab_k, valid = _block_inputs(h, lab, order_p, count, k, c)
 
     def compute(acc):
-      _, vjp = jax.vjp(lambda w: fn(w, h_c, lab_c), weight)
-      g_c = jnp.where(valid, lax.dynamic_slice(g_p, (start,), (c,)), 0.0)
-      return acc + vjp(g_c)[0].astype(_F32)
+      _, vjp = jax.vjp(lambda w: fn(w, h_k, lab_k), weight)
+      g_k = jnp.where(valid, lax.dynamic_slice_in_dim(g_p, start, c, axis=1), 0.0)
+      return acc + vjp(g_k)[0].astype(_F32)
 
-    return lax.cond(start < count, compute, lambda acc: acc, acc), None
+    return lax.cond(start < most, compute, lambda acc: acc, acc), None
 
   acc, _ = lax.scan(body, jnp.zeros(weight.shape, _F32), jnp.arange(chunks, dtype=jnp.int32))
   return acc.astype(weight.dtype)
@@ -254,29 +278,28 @@ def _weight_grad(cfg, h, weight, lab, order, count, g_sorted):
 
 @functools.lru_cache(maxsize=None)
 def _fused(cfg):
-  """The custom-VJP token log-probs for one static configuration (chunking, head, temperature)."""
+  """The custom-VJP token log-probs for one static configuration (blocking, head, temperature)."""
 
   @jax.custom_vjp
   def f(h, weight, lab, order, count):
     lp, _ = _loop(cfg, h, weight, lab, order, count, with_grad=False)
-    return lp[_inverse(order)]
+    return _unsort(lp, order)
 
   def fwd(h, weight, lab, order, count):
     need_h, need_w = h.perturbed, weight.perturbed
     h, weight, lab, order, count = h.value, weight.value, lab.value, order.value, count.value
     lp, dh = _loop(cfg, h, weight, lab, order, count, with_grad=need_h)
-    inv = _inverse(order)
     recompute = (h, weight, lab, count) if need_w else None
-    return lp[inv], (dh, order, inv, recompute)
+    return _unsort(lp, order), (dh, order, recompute)
 
   def bwd(res, g):
-    dh_sorted, order, inv, recompute = res
+    dh_sorted, order, recompute = res
     if isinstance(g, SymbolicZero):
       return None, None, None, None, None
-    g_sorted = g.astype(_F32)[order]
+    g_sorted = _rows_take(g.astype(_F32), order)
     dh = None
     if dh_sorted is not None:
-      dh = (dh_sorted.astype(_F32) * g_sorted[:, None]).astype(dh_sorted.dtype)[inv]
+      dh = _unsort((dh_sorted.astype(_F32) * g_sorted[..., None]).astype(dh_sorted.dtype), order)
     dw = None
     if recompute is not None:
       h, weight, lab, count = recompute
@@ -288,22 +311,22 @@ def _fused(cfg):
 
 
 def _adapted(cfg, h, weight, lab, order, count):
-  """An adapted head: each chunk through ``jlora.wrap`` under ``jax.checkpoint``, plain autodiff."""
-  import jlora  # noqa: PLC0415
-
+  """An adapted head: each block through ``jlora.wrap`` under ``jax.checkpoint``, plain autodiff."""
   c, chunks, transposed, softcap, temperature = cfg
   fn = jax.checkpoint(jlora.wrap(functools.partial(_chunk_logprobs, transposed=transposed, softcap=softcap,
                                                    temperature=temperature)))
   order_p = _padded(order, c, chunks)
+  rows, t, _ = h.shape
+  most = jnp.max(count)
 
   def body(_, k):
-    start, h_c, lab_c, valid = _chunk_inputs(h, lab, order_p, count, k, c)
-    lp = lax.cond(start < count, lambda _: jnp.where(valid, fn(weight, h_c, lab_c), 0.0),
-                  lambda _: jnp.zeros((c,), _F32), None)
+    start, h_k, lab_k, valid = _block_inputs(h, lab, order_p, count, k, c)
+    lp = lax.cond(start < most, lambda _: jnp.where(valid, fn(weight, h_k, lab_k), 0.0),
+                  lambda _: jnp.zeros((rows, c), _F32), None)
     return None, lp
 
   _, lp = lax.scan(body, None, jnp.arange(chunks, dtype=jnp.int32))
-  return lp.reshape(-1)[: h.shape[0]][_inverse(order)]
+  return _unsort(_stacked(lp, t), order)
 
 
 # -- labels and sequence sums -------------------------------------------------------------------

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +14,7 @@ import numpy as np
 import pytest
 
 import jlora
-from helpers import randomize
+from helpers import command_env, randomize
 from jlora import objectives as ob
 from jlora.models import Decoder, ModelConfig
 
@@ -197,6 +201,21 @@ def test_adapted_head_is_served_unmerged(transposed):
   np.testing.assert_allclose(tok1, ob.token_logprobs_full(hidden, dense, labels), **F32)
   assert np.abs(np.asarray(tok1 - ob.token_logprobs_full(hidden, dataclasses.replace(dense, weight=table["w"]),
                                                           labels))).max() > 1e-2
+
+
+def test_a_batch_split_over_devices_stays_split():
+  # 4 fake CPU devices, rows sharded over them: each device computes the logits of its own rows.
+  script = os.path.join(os.path.dirname(__file__), "sharded_check.py")
+  proc = subprocess.run([sys.executable, script], env=command_env(devices=4), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  b, t, d, v = 8, 64, 32, 1024
+  # per device: a quarter of the 4·B·T·D·V FLOPs (plain autodiff of the sharded full logits does the same)
+  assert r["chunked"]["flops"] == pytest.approx(r["full"]["flops"], rel=0.05)
+  assert r["chunked"]["flops"] < 4 * b * t * d * v / 4 * 1.1
+  # the block of logits: the 2 rows of the 8 on each device
+  assert f"2,{t},{v}" in r["chunked"]["dots"] or f"{2 * t},{v}" in r["chunked"]["dots"], r
 
 
 def test_nothing_supervised_gives_zeros_and_zero_gradients():

@@ -218,6 +218,40 @@ def test_a_batch_split_over_devices_stays_split():
   assert f"2,{t},{v}" in r["chunked"]["dots"] or f"{2 * t},{v}" in r["chunked"]["dots"], r
 
 
+def test_under_checkpoint_and_vmap():
+  # The fine-tuning step may checkpoint a whole micro-batch loss (jax.checkpoint around the custom VJP).
+  k = jax.random.split(jax.random.key(8), 3)
+  hidden = jax.random.normal(k[0], (B, T, 16))
+  head = ob.Head(jax.random.normal(k[1], (16, 40)), softcap=3.0)
+  labels = jnp.where(jax.random.uniform(k[2], (B, T)) < 0.3, -100, jax.random.randint(k[2], (B, T), 0, 40))
+  f = lambda h: _weighted(ob.token_logprobs(h, head, labels, chunk_size=4))
+  want = jax.jit(jax.grad(f))(hidden)
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  np.testing.assert_allclose(jax.jit(jax.grad(jax.checkpoint(f, policy=policy)))(hidden), want, **F32)
+  # one example at a time (vmap over the batch) gives the same gradients
+  per_row = jax.vmap(jax.grad(lambda h, l: _weighted(ob.token_logprobs(h[None], head, l[None], chunk_size=4))))
+  np.testing.assert_allclose(jax.jit(per_row)(hidden, labels), want, **F32)
+
+
+def test_bfloat16_hidden_and_head():
+  k = jax.random.split(jax.random.key(7), 3)
+  hidden = jax.random.normal(k[0], (B, T, 16))
+  w = jax.random.normal(k[1], (16, 40)) / 4
+  labels = jax.random.randint(k[2], (B, T), 0, 40)
+
+  def grads(h, w):
+    f = lambda h, w: _weighted(ob.token_logprobs(h, ob.Head(w), labels, chunk_size=4))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, w)
+
+  (l16, (gh16, gw16)), (l32, (gh32, gw32)) = grads(hidden.astype(jnp.bfloat16), w.astype(jnp.bfloat16)), grads(
+      hidden, w)
+  assert gh16.dtype == gw16.dtype == jnp.bfloat16  # cotangents in the primal dtypes
+  # logits accumulate in float32 (no bfloat16 logits): the loss is as close as bf16 inputs allow
+  np.testing.assert_allclose(float(l16), float(l32), rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(gh16, np.float32), gh32, rtol=0.1, atol=0.05 * float(np.abs(gh32).max()))
+  np.testing.assert_allclose(np.asarray(gw16, np.float32), gw32, rtol=0.1, atol=0.05 * float(np.abs(gw32).max()))
+
+
 def test_nothing_supervised_gives_zeros_and_zero_gradients():
   hidden = jnp.ones((2, 3, 4))
   head = ob.Head(jnp.ones((4, 8)))

@@ -97,3 +97,19 @@ def test_the_reference_pass_keeps_no_activations(tiny, batch):
   assert sft_bytes > 0
   # DPO keeps at most a few scalars per pair more (its loss's own residuals): no second model's activations.
   assert dpo_bytes - sft_bytes <= 64 * batch["input_ids"].shape[0], (dpo_bytes, sft_bytes)
+
+
+def test_batch_refusals():
+  ids = jnp.zeros((4, 5), jnp.int32)
+  batch = {"input_ids": ids, "attention_mask": ids, "completion_mask": ids}
+  with pytest.raises(ValueError, match=r"preference_logps: batch lacks \['completion_mask'\]"):
+    ob.preference_logps(None, {}, {"input_ids": ids, "attention_mask": ids})
+  with pytest.raises(ValueError, match="must all be \\(rows, length\\)"):
+    ob.preference_logps(None, {}, {**batch, "attention_mask": ids[:, :3]})
+  with pytest.raises(ValueError, match="B chosen rows and then B rejected rows, got 3 rows"):
+    ob.preference_logps(None, {}, {k: v[:3] for k, v in batch.items()})
+  with pytest.raises(ValueError, match=r"kto_logps: batch lacks \['KL_input_ids', 'KL_attention_mask'"):
+    ob.kto_logps(None, {}, batch)
+  kl = {"KL_" + k: v[:2] for k, v in batch.items()}
+  with pytest.raises(ValueError, match="one KL sequence per example is needed, got 4 rows and 2 KL rows"):
+    ob.kto_logps(None, {}, {**batch, **kl})

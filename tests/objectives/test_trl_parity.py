@@ -65,10 +65,10 @@ def _drop_ref_adapter(pm):
   assert list(pm.peft_config) == ["default"]
 
 
-def _grad_errors(tiny, pm, grads) -> float:
-  """Largest |jlora − PEFT| of a LoRA gradient, relative to that factor's largest entry."""
+def _grad_errors(tiny, pm, grads) -> tuple[float, float]:
+  """Largest |jlora − PEFT| of a LoRA gradient: absolute, and relative to that factor's largest entry."""
   named = dict(pm.named_parameters())
-  worst = 0.0
+  worst_abs = worst_rel = 0.0
   ws = jlora._checkpoint.adapter_weights(grads)
   assert len(ws) == 7
   for path, w in ws.items():
@@ -76,10 +76,11 @@ def _grad_errors(tiny, pm, grads) -> float:
       module = tiny.model.module_map.to_module(path, (layer,))
       for factor, ours in (("lora_A", w.a[layer]), ("lora_B", w.b[layer])):
         theirs = named[f"base_model.model.{module}.{factor}.default.weight"].grad.numpy()
-        ours = np.asarray(ours).T
+        diff = float(np.abs(np.asarray(ours).T - theirs).max())
         assert np.abs(theirs).max() > 0
-        worst = max(worst, float(np.abs(ours - theirs).max() / np.abs(theirs).max()))
-  return worst
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / float(np.abs(theirs).max()))
+  return worst_abs, worst_rel
 
 
 def _torch_backward(pm, loss_fn):
@@ -90,9 +91,12 @@ def _torch_backward(pm, loss_fn):
 
 
 def _check(name, tiny, pm, their_loss, their_metrics, our_loss, our_metrics, grads):
-  err = _grad_errors(tiny, pm, grads)
-  loss_err = abs(float(our_loss) - their_loss) / max(abs(their_loss), 1e-30)
-  print(f"\nTRL parity {name}: loss {their_loss:.6g} (rel diff {loss_err:.1e}), max LoRA grad rel diff {err:.1e}")
+  err_abs, err = _grad_errors(tiny, pm, grads)
+  loss_abs = abs(float(our_loss) - their_loss)
+  loss_err = loss_abs / max(abs(their_loss), 1e-30)
+  metric_abs = max([abs(float(our_metrics[k]) - float(v)) for k, v in their_metrics.items() if k in our_metrics])
+  print(f"\nTRL parity {name}: loss {their_loss:.6g} (diff {loss_abs:.1e}, rel {loss_err:.1e}); LoRA grads max "
+        f"diff {err_abs:.1e} (rel to the factor's largest {err:.1e}); metrics max diff {metric_abs:.1e}")
   assert loss_err < LOSS_RTOL, (our_loss, their_loss)
   assert err < GRAD_RTOL
   for k, v in their_metrics.items():

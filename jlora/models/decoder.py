@@ -90,6 +90,62 @@ def default_positions(batch: int, length: int, *, attention_mask: jax.Array | No
   return idx
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weight"], meta_fields=["transposed", "softcap"])
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """A decoder's output projection: ``logits = softcap(x @ kernel)`` with ``kernel`` ``(D, V)``.
+
+  A pytree whose only leaf is ``weight``; ``Decoder.head(params)`` builds it, and
+  ``jlora.objectives.token_logprobs`` applies it in chunks. Models outside ``jlora.models``
+  build one from their own output kernel.
+
+  Attributes:
+    weight: the parameter as stored: the ``lm_head`` kernel ``(D, V)``, or with ``transposed``
+      the tied embedding table ``(V, D)``; a ``jlora.LoraWeight`` when it is adapted.
+    transposed: ``weight`` is ``(V, D)`` and is contracted on its last axis (tied embeddings).
+    softcap: the final-logit soft-cap ``c`` (``c·tanh(logits/c)``, Gemma 2/3), or ``None``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jlora.models.decoder import Head
+    >>> head = Head(jnp.ones((4, 8)), transposed=False, softcap=2.0)
+    >>> round(float(head(jnp.ones((1, 4)))[0, 0]), 4)  # 2·tanh(4/2)
+    1.9281
+  """
+
+  weight: Any
+  transposed: bool = dataclasses.field(default=False, kw_only=True)
+  softcap: float | None = dataclasses.field(default=None, kw_only=True)
+
+  @property
+  def kernel(self) -> jax.Array:
+    """The projection as a ``(D, V)`` array (the tied table transposed); plain arrays only.
+
+    Raises:
+      ValueError: the head is adapted (a ``jlora.LoraWeight``), which has no dense kernel
+        short of merging; use ``project`` under ``jlora.wrap``.
+    """
+    if not isinstance(self.weight, (jax.Array, np.ndarray, jax.core.Tracer)):
+      raise ValueError(f"Head.kernel: the head weight is a {type(self.weight).__name__}, not an array (an adapted "
+                       "head); apply it with head.project(x) under jlora.wrap, or pass the Head to "
+                       "jlora.objectives.token_logprobs, which serves the adapter unmerged.")
+    return self.weight.T if self.transposed else self.weight
+
+  def project(self, x: jax.Array, *, preferred_element_type: Any = None) -> jax.Array:
+    """``x @ kernel`` without the soft-cap: ``(..., D) -> (..., V)``."""
+    if self.transposed:
+      return jnp.einsum("...d,vd->...v", x, self.weight, preferred_element_type=preferred_element_type)
+    return jnp.matmul(x, self.weight, preferred_element_type=preferred_element_type)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """The logits, soft-capped, in the dtype of ``x @ kernel`` (as ``Decoder.__call__`` returns them)."""
+    logits = self.project(x)
+    if self.softcap is not None:
+      cap = jnp.asarray(self.softcap, logits.dtype)
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoder:
   """A decoder-only LM: ``logits = model(params, input_ids)``.
@@ -242,6 +298,8 @@ class Decoder:
                cache: Cache | None = None):
     """Logits ``(B, T, vocab)`` in the parameters' dtype; ``(logits, new_cache)`` with a cache.
 
+    The same as ``self.head(params)(self.hidden_states(params, input_ids, ...))``, bit for bit.
+
     Args:
       params: the parameter tree (``load`` / ``init``).
       input_ids: ``(B, T)`` token ids.
@@ -253,6 +311,65 @@ class Decoder:
       cache: from ``init_cache`` or a previous call; the new tokens' keys and
         values are written after the ``cache["length"]`` tokens already there.
     """
+    x, new_cache = self._trunk(params, input_ids, attention_mask=attention_mask, positions=positions,
+                               segment_ids=segment_ids, cache=cache)
+    logits = self.head(params)(x)
+    return logits if cache is None else (logits, new_cache)
+
+  def hidden_states(self, params: Params, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+                    positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The last hidden states ``(B, T, hidden_size)`` after the final norm: the head's input.
+
+    ``model.head(params)(model.hidden_states(params, ids))`` is ``model(params, ids)``; the
+    split lets a loss apply the head in chunks (``jlora.objectives.token_logprobs``) instead of
+    materialising ``(B, T, vocab)`` logits. Under ``jlora.wrap`` the layers' adapters apply.
+
+    Args:
+      params: the parameter tree (``load`` / ``init``).
+      input_ids: ``(B, T)`` token ids.
+      attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding.
+      positions: ``(B, T)`` RoPE positions (default as in ``__call__``).
+      segment_ids: ``(B, T)`` ids of packed examples.
+
+    Returns:
+      ``(B, T, hidden_size)`` in the parameters' dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4})
+      >>> model = Decoder(cfg)
+      >>> params = model.init(jax.random.key(0))
+      >>> h = model.hidden_states(params, jnp.array([[1, 2, 3]]))
+      >>> h.shape, bool((model.head(params)(h) == model(params, jnp.array([[1, 2, 3]]))).all())
+      ((1, 3, 32), True)
+    """
+    return self._trunk(params, input_ids, attention_mask=attention_mask, positions=positions,
+                       segment_ids=segment_ids, cache=None)[0]
+
+  def head(self, params: Params) -> Head:
+    """The output projection: ``lm_head`` (``(D, V)``) or the tied embedding table, and the soft-cap.
+
+    No computation happens here; the ``Head`` holds the parameter as it is in ``params``
+    (a plain array, or a ``jlora.LoraWeight`` when the head or the tied embedding is adapted).
+
+    Example:
+      >>> import jax
+      >>> from jlora.models import Decoder, ModelConfig
+      >>> cfg = ModelConfig.from_hf({"model_type": "gemma2", "vocab_size": 64, "hidden_size": 32,
+      ...   "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8})
+      >>> head = Decoder(cfg).head(Decoder(cfg).init(jax.random.key(0)))
+      >>> head.transposed, head.softcap, head.kernel.shape  # Gemma 2: tied embedding, logits capped at 30
+      (True, 30.0, (32, 64))
+    """
+    cfg = self.config
+    if cfg.tie_embeddings:
+      return Head(params["embed_tokens"]["embedding"], transposed=True, softcap=cfg.final_softcap)
+    return Head(params["lm_head"]["kernel"], transposed=False, softcap=cfg.final_softcap)
+
+  def _trunk(self, params: Params, input_ids: jax.Array, *, attention_mask, positions, segment_ids, cache):
+    """Embedding, layers and final norm: ``(hidden (B, T, D), new_cache or None)``."""
     cfg = self.config
     ids = jnp.asarray(input_ids)
     if ids.ndim != 2:
@@ -328,19 +445,12 @@ class Decoder:
     xs = (params["layers"], jnp.asarray(sliding), jnp.arange(cfg.num_layers, dtype=jnp.int32))
     (x, ck, cv), _ = lax.scan(body, (x, ck, cv), xs, unroll=cfg.num_layers if self.unroll_layers else 1)
     x = rms_norm(x, params["norm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, table)
-    else:
-      logits = jnp.matmul(x, params["lm_head"]["kernel"])
-    if cfg.final_softcap is not None:
-      cap = jnp.asarray(cfg.final_softcap, logits.dtype)
-      logits = jnp.tanh(logits / cap) * cap
     if cache is None:
-      return logits
+      return x, None
     last = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
     new_cache = {"k": ck, "v": cv, "mask": k_valid, "positions": k_pos, "length": start + t,
                  "next_position": jnp.maximum(cache["next_position"], last.astype(jnp.int32))}
-    return logits, new_cache
+    return x, new_cache
 
   def _frequencies(self, *, local: bool) -> tuple[np.ndarray, float]:
     cfg = self.config

@@ -46,6 +46,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("many adapters and native models", ("jlora.multi", "jlora.models")),
     ("memory report", ("jlora.memory",)),
     ("training data", ("jlora.data",)),
+    ("post-training objectives", ("jlora.objectives",)),
     ("public API", ("jlora",)),
     ("fine-tuning command: command line and options", ("jlora.finetune.cli", "jlora.finetune.options",
                                                        "jlora.finetune.numerics", "jlora.finetune.metrics")),

@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-import jlora
+from jlora._apply.wrap import wrap
+from jlora._merge import unload
 from jlora.objectives._logprobs import next_token_labels, token_logprobs
 
 Params = Any
@@ -59,10 +60,10 @@ def model_token_logprobs(model: Any, params: Params, input_ids: jax.Array, mask:
   labels = next_token_labels(input_ids, mask)
   kwargs = {}
   if reference:
-    params = jax.lax.stop_gradient(jlora.unload(params))
+    params = jax.lax.stop_gradient(unload(params))
   elif lora_rng is not None:
     kwargs["lora_rng"] = lora_rng
-  hidden = jlora.wrap(model.hidden_states)(params, input_ids, attention_mask=attention_mask, **kwargs)
+  hidden = wrap(model.hidden_states)(params, input_ids, attention_mask=attention_mask, **kwargs)
   out = token_logprobs(hidden, model.head(params), labels, chunk_size=chunk_size, temperature=temperature)
   return jax.lax.stop_gradient(out) if reference else out
 

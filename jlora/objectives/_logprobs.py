@@ -46,7 +46,8 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-import jlora
+from jlora._apply.wrap import wrap
+from jlora._weight import LoraWeight
 from jlora.models.decoder import Head
 
 _F32 = jnp.float32
@@ -121,7 +122,7 @@ def token_logprobs_full(hidden: jax.Array, head: Head, labels: jax.Array, *, tem
   fn = functools.partial(_chunk_logprobs, transposed=head.transposed, softcap=head.softcap,
                          temperature=float(temperature))
   if not _is_array(head.weight):
-    fn = jlora.wrap(fn)
+    fn = wrap(fn)
   lp = fn(head.weight, jnp.reshape(hidden, (-1, d)), jnp.where(sup, lab, 0))
   return jnp.where(sup, lp, 0.0).reshape(jnp.shape(labels))
 
@@ -313,7 +314,7 @@ def _fused(cfg):
 def _adapted(cfg, h, weight, lab, order, count):
   """An adapted head: each block through ``jlora.wrap`` under ``jax.checkpoint``, plain autodiff."""
   c, chunks, transposed, softcap, temperature = cfg
-  fn = jax.checkpoint(jlora.wrap(functools.partial(_chunk_logprobs, transposed=transposed, softcap=softcap,
+  fn = jax.checkpoint(wrap(functools.partial(_chunk_logprobs, transposed=transposed, softcap=softcap,
                                                    temperature=temperature)))
   order_p = _padded(order, c, chunks)
   rows, t, _ = h.shape

@@ -44,6 +44,9 @@ RUN = dict(vocab=1024, steps=1500, batch=32, seq=128, topics=None)
 SMOKE_RUN = dict(vocab=300, steps=2, batch=2, seq=16, topics=20)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|endoftext|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
 def corpus(topics: int | None = None) -> list[str]:
   """The CPython documentation's topics (the first ``topics`` of them, sorted by name)."""
   from pydoc_data.topics import topics as docs
@@ -143,6 +146,9 @@ def main(argv=None):
 
   os.makedirs(args.out, exist_ok=True)
   jlora.models.save(args.out, model, params)
+  # A plain-text chat template (user, assistant and system headers; EOS ends each turn), so that
+  # conversations (OpenAI "messages") can be trained and prompted on the bundled base.
+  tokenizer.chat_template = CHAT_TEMPLATE
   tokenizer.save_pretrained(args.out)
   with open(os.path.join(args.out, "pretraining.json"), "w") as f:
     json.dump({"source": "pydoc_data.topics (CPython stdlib)", "tokens": int(len(ids)),

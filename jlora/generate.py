@@ -32,11 +32,10 @@ from typing import Any
 import jax
 
 import jlora
-from jlora import _checkpoint as ck
-from jlora import peft as peft_lib
 from jlora.data import chat_prompt_ids
+from jlora.finetune import adapters as adapters_lib
 from jlora.finetune import model as model_lib
-from jlora.finetune.cli import ArgumentParser, UserError, run_command, user_error_types
+from jlora.finetune.cli import ArgumentParser, UserError, run_command
 from jlora.finetune.options import DEFAULT_MODEL
 
 
@@ -58,7 +57,8 @@ def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int
 
   Example:
     >>> import jax, jlora
-    >>> from jlora.finetune import model as model_lib
+    >>> from jlora.finetune import adapters as adapters_lib
+from jlora.finetune import model as model_lib
     >>> from jlora.finetune.config import DEFAULT_MODEL
     >>> loaded = model_lib.load(DEFAULT_MODEL)
     >>> lp = jlora.init(jax.random.key(0), loaded.params, jlora.LoraConfig(
@@ -104,7 +104,8 @@ def serve(loaded, adapters: Sequence[Any], prompts: Sequence[str], **kw: Any) ->
 
   Example:
     >>> import jax, jlora
-    >>> from jlora.finetune import model as model_lib
+    >>> from jlora.finetune import adapters as adapters_lib
+from jlora.finetune import model as model_lib
     >>> from jlora.finetune.config import DEFAULT_MODEL
     >>> loaded = model_lib.load(DEFAULT_MODEL)
     >>> lp = jlora.init(jax.random.key(0), loaded.params, jlora.LoraConfig(
@@ -135,51 +136,6 @@ PROG = "jlora-generate"
 # The end of every "wrong base" error: the options of this command that fix it.
 CHECK_BASE_FIX = ("Pass --model with the base model it was trained on (and --bf16 if it was trained with --bf16), "
                   "or --no-check-base to load it anyway.")
-
-
-def _adapter_kind(path: str) -> str:
-  """``"peft"`` or ``"jlora"`` for an adapter directory; a ``UserError`` for anything else."""
-  if not os.path.exists(path):
-    raise UserError(f"--adapter {path!r}: no such directory")
-  if not os.path.isdir(path):
-    raise UserError(f"--adapter {path!r} is a file; give an adapter directory")
-  if os.path.exists(os.path.join(path, "adapter_config.json")):
-    return "peft"
-  if os.path.isdir(os.path.join(path, "meta")):
-    return "jlora"
-  raise UserError(f"--adapter {path!r} is neither a jlora adapter (the adapter/ directory jlora-finetune writes) "
-                  "nor a PEFT adapter (adapter_config.json and adapter_model.safetensors, e.g. the peft/ "
-                  "directory)")
-
-
-def _adapter_info(path: str, kind: str) -> dict:
-  """What an adapter says about its base: ``{"model_dir", "base_model", "bf16"}``."""
-  try:
-    if kind == "peft":
-      base = peft_lib.read_config(path).get("base_model_name_or_path") or ""
-      return {"model_dir": base, "base_model": base, "bf16": None, "chat_template": None}
-    meta = jlora.read_adapter_metadata(path)
-  except user_error_types():  # already says what and where (e.g. an unsupported PEFT feature)
-    raise
-  except (OSError, ValueError) as e:  # an unreadable file, bad JSON, not a jlora adapter
-    raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
-  train_config = meta.get("train_config") or {}
-  return {"model_dir": meta.get("base_model_dir") or meta.get("base_model") or "",
-          "base_model": meta.get("base_model") or "", "bf16": train_config.get("bf16"),
-          "chat_template": train_config.get("chat_template")}
-
-
-def _load_any_adapter(path: str, kind: str, loaded, *, check_base: bool = True):
-  """The adapter at ``path`` attached to ``loaded.params`` (the same base arrays, new factors)."""
-  if kind == "jlora":
-    if check_base:
-      ck.verify_base(jlora.read_adapter_metadata(path), loaded.params, where=f"--adapter {path!r}",
-                     fix=CHECK_BASE_FIX)
-    return jlora.load_adapter(path, loaded.params, check_base=False)
-  if check_base:
-    peft_lib.verify_base(path, loaded.params, fix=CHECK_BASE_FIX)
-  return peft_lib.load(path, loaded.params, module_map=loaded.module_map, layout=loaded.layout,
-                       check_base=False)
 
 
 def _parser():
@@ -224,8 +180,8 @@ def _main(argv: Sequence[str] | None) -> int:
     ap.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   if args.temperature < 0:
     ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-  kinds = [_adapter_kind(path) for path in args.adapter]  # every adapter is checked before any model loads
-  infos = [_adapter_info(path, kind) for path, kind in zip(args.adapter, kinds)]
+  kinds = [adapters_lib.kind(path) for path in args.adapter]  # every adapter is checked before any model loads
+  infos = [adapters_lib.info(path, kind) for path, kind in zip(args.adapter, kinds)]
   model_dir = args.model or (infos[0]["model_dir"] if infos else "") or DEFAULT_MODEL
   if not os.path.isdir(model_dir):
     if args.model:
@@ -237,14 +193,8 @@ def _main(argv: Sequence[str] | None) -> int:
     loaded = model_lib.load(model_dir, bf16=bf16)
   except FileNotFoundError as e:  # the loader's "no weights" (or a tokenizer file missing)
     raise UserError(f"--model {model_dir!r}: {e}") from None
-  adapters = []
-  for path, kind in zip(args.adapter, kinds):
-    try:
-      adapters.append((path, _load_any_adapter(path, kind, loaded, check_base=args.check_base)))
-    except user_error_types():  # a wrong base or an unsupported PEFT feature: already one clear line
-      raise
-    except (OSError, ValueError) as e:  # Orbax / safetensors reading damaged files
-      raise UserError(f"--adapter {path!r}: cannot read it ({type(e).__name__}: {e})") from None
+  adapters = [(path, adapters_lib.load(path, kind, loaded, check_base=args.check_base, fix=CHECK_BASE_FIX))
+              for path, kind in zip(args.adapter, kinds)]
   chat = args.chat_template if args.chat_template is not None else bool(infos and infos[0]["chat_template"])
   if chat:
     print("prompts: formatted with the tokenizer's chat template "

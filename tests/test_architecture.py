@@ -51,7 +51,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("fine-tuning command: command line and options", ("jlora.finetune.cli", "jlora.finetune.options",
                                                        "jlora.finetune.numerics", "jlora.finetune.metrics")),
     ("fine-tuning command: configuration", ("jlora.finetune.config",)),
-    ("fine-tuning command: parts of a run", ("jlora.finetune.rundir", "jlora.finetune.checkpoint",
+    ("fine-tuning command: parts of a run", ("jlora.finetune.rundir", "jlora.finetune.adapters", "jlora.finetune.checkpoint",
                                              "jlora.finetune.loaded", "jlora.finetune.hf_flax",
                                              "jlora.finetune.model", "jlora.finetune.distributed",
                                              "jlora.finetune.quantize", "jlora.finetune.policy",

@@ -23,7 +23,8 @@ from jlora.finetune.metrics import REPORT_TO
 from jlora.finetune.options import ASSETS, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_MODEL  # noqa: F401  (re-exported)
 
 PROG = "jlora-finetune"
-TASKS = ("sft",)  # the training objectives (jlora.finetune.tasks)
+TASKS = ("sft", "dpo", "simpo", "orpo", "kto")  # the training objectives (jlora.finetune.tasks)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 class _Section:
@@ -43,6 +44,7 @@ _COMPUTE = _Section("compute")
 _OUTPUT = _Section("output and evaluation")
 _MULTI = _Section("multi-host (see docs/scale_out.md)")
 _QLORA = _Section("QLoRA: a 4-bit base (see docs/quant.md)")
+_OBJECTIVE = _Section("preference tuning: --task dpo, simpo, orpo, kto (see docs/objectives.md)")
 
 _SCHEDULES = ("cosine", "linear", "constant")
 _SHARDINGS = ("fsdp", "tp", "fsdp_tp", "replicated")
@@ -72,8 +74,9 @@ class TrainConfig:
     16
   """
 
-  task: str = _DATA("sft", "Training objective: sft (supervised fine-tuning: the completion's tokens are "
-                           "trained on, the prompt's are not).")
+  task: str = _DATA("sft", "Training objective: sft (supervised: the answers' tokens are trained, the prompts' "
+                           "are not), dpo, simpo, orpo (preference pairs: prompt/chosen/rejected) or kto "
+                           "(prompt/completion/label).")
   model: str = _DATA("", "Hugging Face causal-LM directory (config.json + safetensors): Llama, Mistral, "
                          "Qwen2/3 and Gemma 2/3 run on the native jlora.models decoder, other "
                          "architectures on transformers 4.x Flax classes; empty = the bundled tiny base.")
@@ -156,6 +159,27 @@ class TrainConfig:
   quant_blocksize: int = _QLORA(64, "With --quantize: weights per 4-bit scale block, a power of two in "
                                     "32..4096 (QLoRA: 64).")
 
+  beta: float = _OBJECTIVE(0.1, "The objective's beta: DPO's and KTO's inverse temperature, SimPO's reward "
+                                "scale, ORPO's weight of the odds-ratio term (TRL's defaults: 0.1; TRL's SimPO "
+                                "recipe: 2.5).")
+  loss_type: str = _OBJECTIVE("sigmoid", "DPO's loss: sigmoid, ipo, hinge or robust (TRL's loss types).")
+  label_smoothing: float = _OBJECTIVE(0.0, "DPO robust: the assumed share of flipped preferences, in [0, 0.5).")
+  simpo_gamma: float = _OBJECTIVE(0.5, "SimPO's target reward margin gamma (TRL's SimPO recipe: 1.375).")
+  cpo_alpha: float = _OBJECTIVE(0.0, "SimPO: weight of an NLL term on the chosen answers (TRL's CPO default: "
+                                     "1.0; 0 = pure SimPO).")
+  kto_desirable_weight: float = _OBJECTIVE(1.0, "KTO: weight of the desirable examples' loss.")
+  kto_undesirable_weight: float = _OBJECTIVE(1.0, "KTO: weight of the undesirable examples' loss.")
+  init_adapter: str = _OBJECTIVE("", "Start from this adapter (a jlora adapter/ or PEFT peft/ directory, e.g. of "
+                                     "an SFT run) instead of fresh adapters; its targets, ranks and alphas are "
+                                     "kept.")
+  reference: str = _OBJECTIVE("base", "The reference of dpo and kto: base (the model with the adapters off: no "
+                                      "second copy of the weights) or init (the --init-adapter, frozen).")
+  precompute_reference: bool = _OBJECTIVE(False, "Compute the reference log-probabilities once, in one pass over "
+                                                 "the data before training (always so with --reference init).")
+  logits_chunk: int = _OBJECTIVE(1024, "Positions per block of output-layer logits in the losses (the "
+                                       "[batch, tokens, vocab] logits are never materialised on the native "
+                                       "decoder).")
+
   output_dir: str = _OUTPUT("runs/default", "Directory for checkpoints, the adapter (jlora and PEFT format), "
                                             "metrics and the summary.")
   log_every: int = _OUTPUT(10, "Log loss, gradient norm and tokens/s every this many steps.")
@@ -215,7 +239,8 @@ class TrainConfig:
     if not _init_known(self.init):
       raise OptionError("init", f"must be one of {', '.join(_init_names())}; got {self.init!r}")
     for name, allowed in (("schedule", _SCHEDULES), ("sharding", _SHARDINGS), ("task", TASKS),
-                          ("train_on", ("all", "last"))):
+                          ("train_on", ("all", "last")), ("loss_type", DPO_LOSS_TYPES),
+                          ("reference", ("base", "init"))):
       if getattr(self, name) not in allowed:
         raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
     if self.quantize not in _QUANTIZE:
@@ -229,6 +254,20 @@ class TrainConfig:
       raise OptionError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise OptionError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+    for name in ("beta", "logits_chunk", "kto_desirable_weight", "kto_undesirable_weight"):
+      positive(name)
+    positive("simpo_gamma", allow_zero=True)
+    positive("cpo_alpha", allow_zero=True)
+    if not 0.0 <= self.label_smoothing < 0.5:
+      raise OptionError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
+    if self.label_smoothing and self.loss_type != "robust":
+      raise OptionError("label_smoothing", f"applies to --loss-type robust only (TRL's sigmoid has none); got "
+                                           f"--loss-type {self.loss_type}")
+    if self.init_adapter and (self.dora or self.init != "default" or self.adalora_target_rank):
+      raise OptionError("init_adapter", "continues that adapter as it is (its variant, targets, ranks and alphas): "
+                                        "drop --dora, --init and --adalora-target-rank")
+    if self.reference == "init" and not self.init_adapter:
+      raise OptionError("reference", "init needs --init-adapter (the adapter to keep frozen as the reference)")
     if self.show_example < -1:
       raise OptionError("show_example", f"must be >= 0 (an example's index), or -1 for off; got {self.show_example}")
     if self.eval_exact_match < -1:
@@ -261,6 +300,7 @@ RESUME_MAY_DIFFER = frozenset({
     "remat", "mesh", "sharding", "coordinator", "num_processes", "process_id", "reproducible",
     "log_every", "eval_every", "save_every", "keep_checkpoints", "progress", "memory_report", "report_to",
     "eval_exact_match", "max_new_tokens", "save_merged", "output_dir", "show_example",
+    "logits_chunk", "precompute_reference",  # (how the same numbers are computed)
 })
 
 

@@ -71,15 +71,7 @@ def init_adapters(key, base_params, lora_cfg: jlora.LoraConfig, layout, mesh, *,
   if from_values:
     # Eager: kernel by kernel (one XLA:CPU program holding all the kernels' QR decompositions of
     # OLoRA hung in jax 0.10.2; each init method jits its own decomposition anyway).
-    lp = jlora.init(key, base_params, lora_cfg, layout=layout)
-    adapters, frozen = jlora.split(lp)
-    # Own buffers: the train step donates the adapters, and an init may share arrays between
-    # trained and frozen children (OLoRA's A and its frozen copy A0).
-    adapters = jax.tree.map(lambda x: x.copy(), adapters)
-    if mesh is None:
-      return jlora.combine(adapters, frozen)
-    specs = sharding.lora_specs(adapters, sharding.specs_of(base_params))
-    return jlora.combine(jax.device_put(adapters, sharding.named(specs, mesh)), frozen)
+    return place_adapters(jlora.init(key, base_params, lora_cfg, layout=layout), base_params, mesh)
   if mesh is None:
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
     strip = lambda w: w.replace(w0=None) if isinstance(w, jlora.LoraWeight) else None  # noqa: E731
@@ -87,6 +79,19 @@ def init_adapters(key, base_params, lora_cfg: jlora.LoraConfig, layout, mesh, *,
                                               is_leaf=lambda x: isinstance(x, jlora.LoraWeight)))(key)
     return sharding.attach_base(adapters, base_params)
   return sharding.init_sharded(key, base_params, lora_cfg, mesh, layout=layout)
+
+
+def place_adapters(lora_params: Any, base_params: Any, mesh) -> Any:
+  """A LoRA tree made eagerly (an init that read the base, or an adapter loaded from disk) ready to
+  train: its trained arrays its own (the step donates them; an init may share an array between a
+  trained and a frozen child, as OLoRA's A and its frozen copy) and, on a mesh, sharded like
+  their kernels."""
+  adapters, frozen = jlora.split(lora_params)
+  adapters = jax.tree.map(lambda x: x.copy(), adapters)
+  if mesh is None:
+    return jlora.combine(adapters, frozen)
+  specs = sharding.lora_specs(adapters, sharding.specs_of(base_params))
+  return jlora.combine(jax.device_put(adapters, sharding.named(specs, mesh)), frozen)
 
 
 def pinned(tree: Any, mesh) -> tuple[Any, Any]:

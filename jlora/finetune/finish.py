@@ -11,6 +11,7 @@ from typing import Any
 import jlora
 from jlora import peft as peft_lib
 from jlora.finetune import distributed
+from jlora.finetune import loop as loop_lib
 from jlora.finetune import model as model_lib
 from jlora.finetune.metrics import MetricsLog, plot_loss
 from jlora.finetune.options import OutputOptions
@@ -91,7 +92,7 @@ def finish(run: Run, adapters: Any, opt_state: Any, *, before: dict[str, float],
       summary["merged_dir"] = merged_dir
     with open(os.path.join(out, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
-  say("after training:  " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+  say("after training:  " + loop_lib.line(loop_lib.shown(task, after)))
   if summary["adapter_checkpoint_bytes"]:
     say(f"adapter checkpoint: {summary['adapter_checkpoint_bytes'] / 2**20:.2f} MiB vs base model "
         f"{summary['base_model_bytes'] / 2**20:.2f} MiB "

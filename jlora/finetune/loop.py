@@ -47,8 +47,15 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _line(values: dict[str, Any]) -> str:
-  return ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+def shown(task, values: dict[str, Any]) -> dict[str, Any]:
+  """What the console shows of ``values``: the loss, throughput, generation metrics and the task's ``shown``."""
+  keep = {"loss", "grad_norm", "tokens_per_s", "eval_loss", "exact_match", *task.shown,
+          *(f"eval_{k}" for k in task.shown)}
+  return {k: v for k, v in values.items() if k in keep}
+
+
+def line(values: dict[str, Any]) -> str:
+  return ", ".join(f"{k} {v:.0f}" if k == "tokens_per_s" else f"{k} {v:.4f}" for k, v in values.items())
 
 
 def baseline(run: Run, say: Callable[[str], None]) -> dict[str, float]:
@@ -66,7 +73,7 @@ def baseline(run: Run, say: Callable[[str], None]) -> dict[str, float]:
     if run.main_process:
       with open(path, "w") as f:
         json.dump(before, f)
-  say("before training: " + _line(before))
+  say("before training: " + line(shown(run.task, before)))
   return before
 
 
@@ -105,13 +112,13 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
           entry.update(last_eval)
         log.log(**entry)
         if bar is not None:
-          shown = {"loss": f"{entry['loss']:.4f}", "tok_s": f"{entry['tokens_per_s']:.0f}"}
+          postfix = {"loss": f"{entry['loss']:.4f}", "tok_s": f"{entry['tokens_per_s']:.0f}"}
           if last_eval is not None:
-            shown["eval"] = f"{next(iter(last_eval.values())):.4f}"
-          bar.set_postfix(**shown)
+            postfix["eval"] = f"{next(iter(last_eval.values())):.4f}"
+          postfix.update({k.split("/")[-1]: f"{v:.3f}" for k, v in entry.items() if k in task.shown})
+          bar.set_postfix(**postfix)
         else:
-          say(f"step {done}/{run.total}: " + ", ".join(
-              f"{k} {v:.0f}" if k == "tokens_per_s" else f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
+          say(f"step {done}/{run.total}: " + line(shown(task, entry)))
         tokens_since, t_last = 0, time.time()
       if bar is not None:
         bar.update(1)

@@ -3,25 +3,30 @@
 ``TrainConfig`` is the flat form users write (flags, a ``.toml`` file). A run hands
 each stage only its groups, so a stage's signature says what it depends on:
 
-=================  ====================================================  =======================
-group              options                                               read by
-=================  ====================================================  =======================
-``ModelOptions``   model, bf16, remat, quantize, double_quant,           setup (the base)
-                   quant_blocksize, mesh, sharding
-``LoraOptions``    targets, exclude, rank, alpha, rslora, lora_dropout,  setup, ``VariantPolicy``
-                   init, dora, adalora_*, loraplus_ratio
-``OptimOptions``   lr, schedule, warmup_steps, weight_decay, clip_norm,  setup (optimizer, length)
-                   steps, epochs
-``DataOptions``    task, data, eval_data, eval_fraction, chat_template,  the task
-                   train_on, skip_bad_lines, max_seq_len, pack,
-                   show_example
-``BatchOptions``   batch_size, grad_accum, seed                          the task, setup
-``EvalOptions``    eval_exact_match, max_new_tokens                      the task
-``LoopOptions``    log_every, eval_every, save_every, keep_checkpoints,  the loop
-                   progress, report_to
-``OutputOptions``  output_dir, save_merged, memory_report                setup, finish
-``ProcessOptions`` coordinator, num_processes, process_id, reproducible  ``run`` (before JAX starts)
-=================  ====================================================  =======================
+====================  ===================================================  ======================
+group                 options                                              read by
+====================  ===================================================  ======================
+``ModelOptions``      model, bf16, remat, quantize, double_quant,          setup (the base)
+                      quant_blocksize, mesh, sharding
+``LoraOptions``       init_adapter, targets, exclude, rank, alpha,         setup, ``VariantPolicy``
+                      rslora, lora_dropout, init, dora, adalora_*,
+                      loraplus_ratio
+``OptimOptions``      lr, schedule, warmup_steps, weight_decay,            setup (optimizer, length)
+                      clip_norm, steps, epochs
+``DataOptions``       task, data, eval_data, eval_fraction,                the task
+                      chat_template, train_on, skip_bad_lines,
+                      max_seq_len, pack, show_example
+``ObjectiveOptions``  beta, loss_type, label_smoothing, simpo_gamma,       the task
+                      cpo_alpha, kto_*_weight, reference,
+                      precompute_reference, logits_chunk
+``BatchOptions``      batch_size, grad_accum, seed                         the task, setup
+``EvalOptions``       eval_exact_match, max_new_tokens                     the task
+``LoopOptions``       log_every, eval_every, save_every, keep_checkpoints, the loop
+                      progress, report_to
+``OutputOptions``     output_dir, save_merged, memory_report               setup, finish
+``ProcessOptions``    coordinator, num_processes, process_id,              ``run`` (before JAX starts)
+                      reproducible
+====================  ===================================================  ======================
 
 Every ``TrainConfig`` field is in exactly one group (tested).
 
@@ -69,6 +74,7 @@ class ModelOptions:
 
 @_frozen
 class LoraOptions:
+  init_adapter: str
   targets: str
   exclude: str
   rank: int
@@ -122,6 +128,20 @@ class DataOptions:
 
 
 @_frozen
+class ObjectiveOptions:
+  beta: float
+  loss_type: str
+  label_smoothing: float
+  simpo_gamma: float
+  cpo_alpha: float
+  kto_desirable_weight: float
+  kto_undesirable_weight: float
+  reference: str
+  precompute_reference: bool
+  logits_chunk: int
+
+
+@_frozen
 class BatchOptions:
   batch_size: int
   grad_accum: int
@@ -163,8 +183,8 @@ class ProcessOptions:
   reproducible: bool
 
 
-GROUPS = (ModelOptions, LoraOptions, OptimOptions, DataOptions, BatchOptions, EvalOptions, LoopOptions,
-          OutputOptions, ProcessOptions)
+GROUPS = (ModelOptions, LoraOptions, OptimOptions, DataOptions, ObjectiveOptions, BatchOptions, EvalOptions,
+          LoopOptions, OutputOptions, ProcessOptions)
 
 G = TypeVar("G")
 

@@ -22,6 +22,7 @@ import jlora
 from jlora import _checkpoint as ck
 from jlora._lazy import is_lazy_node
 from jlora._tree import leaves_with_paths
+from jlora.finetune import adapters as adapters_lib
 from jlora.finetune import distributed, memory_check, rundir
 from jlora.finetune import model as model_lib
 from jlora.finetune import quantize as quantize_lib
@@ -175,9 +176,18 @@ def setup(task: Task, model_opts: ModelOptions, lora_opts: LoraOptions, optim_op
         f"per weight; from {quantization['source']})")
   policy = VariantPolicy(lora_opts)
   lora_cfg = lora_config(lora_opts, policy, base_params, loaded)
-  lora_params = _init_adapters(lora_opts, batch_opts.seed, base_params, lora_cfg, layout, mesh, loaded.model_id)
+  if lora_opts.init_adapter:  # the adapter to start from, its own targets, ranks and alphas
+    path = lora_opts.init_adapter
+    lora_params = distributed.place_adapters(
+        adapters_lib.load(path, adapters_lib.kind(path, option="--init-adapter"), loaded, option="--init-adapter",
+                          fix="Give the --model it was trained on (and --bf16 if it was trained so)."),
+        base_params, mesh)
+  else:
+    lora_params = _init_adapters(lora_opts, batch_opts.seed, base_params, lora_cfg, layout, mesh, loaded.model_id)
   counts = jlora.count(lora_params)
-  say(f"model: {loaded.model_id} | {counts}")
+  say(f"model: {loaded.model_id} | {counts}" + (f" | from {lora_opts.init_adapter}" if lora_opts.init_adapter
+                                                 else ""))
+  task.start(lora_params)  # e.g. the reference's log-probs, from the initial adapters
   adapters, frozen = jlora.split(lora_params)
   del lora_params
 
@@ -195,6 +205,8 @@ def setup(task: Task, model_opts: ModelOptions, lora_opts: LoraOptions, optim_op
   fp = ck.fingerprint(base_params)
   run_info = {"base_model_dir": os.path.abspath(model_opts.model_dir), "lora_config": lora_cfg.to_dict(),
               "train_config": train_config, "data_fingerprint": task.fingerprint()}
+  if lora_opts.init_adapter:  # (its adapters' own specs are in the metadata's "adapters")
+    run_info["init_adapter"] = os.path.abspath(lora_opts.init_adapter)
   if quantization:  # how the adapter was trained; the fingerprint is the unquantized base's all the same
     run_info["base_quantization"] = quantization
   meta = ck.adapter_metadata(adapters, base_model=loaded.model_id, base_fingerprint=fp, extra=run_info)

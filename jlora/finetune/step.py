@@ -23,7 +23,8 @@ def make_train_step(loss: LossFn, tx: optax.GradientTransformation, *, remat: bo
 
   ``batch`` holds ``grad_accum`` micro-batches on its leading axis; their gradients are summed
   and divided by the summed ``count`` (so the step's loss is ``Σ total / Σ count`` whatever the
-  split). ``regularizer(adapters)`` (AdaLoRA's orthogonality) is added to the mean loss.
+  split). Each metric is the mean of its micro-batch values, NaN ignored (a value a micro-batch
+  cannot compute, such as KTO's rewards of a label it lacks), NaN if none has one. ``regularizer(adapters)`` (AdaLoRA's orthogonality) is added to the mean loss.
   ``remat`` checkpoints each micro-batch's whole loss (models that cannot rematerialise per
   layer themselves). ``shardings``: those of ``(adapters, opt_state)``, kept by the outputs so
   that the step compiles once.
@@ -47,17 +48,21 @@ def make_train_step(loss: LossFn, tx: optax.GradientTransformation, *, remat: bo
       mb, k = xs
       (l, (n, m)), g = jax.value_and_grad(micro_loss, has_aux=True)(adapters, frozen, mb,
                                                                       k if use_dropout else None)
-      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n, jax.tree.map(jnp.add, m_acc, m)), None
+      m_acc = jax.tree.map(lambda acc, v: (acc[0] + jnp.where(jnp.isnan(v), 0.0, v), acc[1] + ~jnp.isnan(v)),
+                           m_acc, m, is_leaf=lambda x: isinstance(x, tuple))
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n, m_acc), None
 
     zeros = jax.tree.map(jnp.zeros_like, adapters)
-    metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        lambda: micro_loss(adapters, frozen, jax.tree.map(lambda x: x[0], batch), None)[1][1]))
+    metric_zeros = jax.tree.map(lambda s: (jnp.zeros(s.shape, jnp.float32), jnp.zeros(s.shape, jnp.float32)),
+                                jax.eval_shape(lambda: micro_loss(adapters, frozen,
+                                                                  jax.tree.map(lambda x: x[0], batch), None)[1][1]))
     (g, loss_sum, n, m), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, metric_zeros), (batch, keys))
     n = jnp.maximum(n, 1.0)
     g = jax.tree.map(lambda x: x / n, g)
     updates, opt_state = tx.update(g, opt_state, adapters)
-    return (optax.apply_updates(adapters, updates), opt_state, loss_sum / n, optax.tree.norm(g),
-            jax.tree.map(lambda x: x / n, m))
+    metrics = jax.tree.map(lambda acc: jnp.where(acc[1] > 0, acc[0] / jnp.maximum(acc[1], 1.0), jnp.nan), m,
+                           is_leaf=lambda x: isinstance(x, tuple))
+    return optax.apply_updates(adapters, updates), opt_state, loss_sum / n, optax.tree.norm(g), metrics
 
   if shardings is None:
     return jax.jit(step, donate_argnums=(0, 1))

@@ -24,7 +24,7 @@ from jlora.finetune.finish import finish
 from jlora.finetune.loaded import load_tokenizer
 from jlora.finetune.loop import PREEMPTED_EXIT_CODE  # noqa: F401  (re-exported: the command's exit status)
 from jlora.finetune.options import (BatchOptions, DataOptions, EvalOptions, LoopOptions, LoraOptions, ModelOptions,
-                                    OptimOptions, OutputOptions, ProcessOptions, group)
+                                    ObjectiveOptions, OptimOptions, OutputOptions, ProcessOptions, group)
 from jlora.finetune.setup import make_optimizer, setup  # noqa: F401  (make_optimizer: re-exported)
 from jlora.finetune.tasks import TASKS
 
@@ -57,7 +57,7 @@ def run(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False) -> di
   say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
   t_start = time.time()
   data = group(cfg, DataOptions)
-  task = TASKS[data.task](data, group(cfg, BatchOptions), group(cfg, EvalOptions))
+  task = TASKS[data.task](data, group(cfg, BatchOptions), group(cfg, EvalOptions), group(cfg, ObjectiveOptions))
   model = group(cfg, ModelOptions)
   if data.show_example >= 0:  # the data as the loss sees it, and nothing else: no weights are read
     print(task.show(load_tokenizer(model.model_dir), data.show_example), flush=True)

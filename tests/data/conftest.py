@@ -37,6 +37,8 @@ def make_tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def plain_tokenizer():
-  """The bundled tokenizer as shipped (no chat template)."""
+  """The bundled tokenizer without its chat template (a base model's tokenizer that has none)."""
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(TINY_BASE)
+  tok = AutoTokenizer.from_pretrained(TINY_BASE)
+  tok.chat_template = None
+  return tok

@@ -6,12 +6,13 @@ register it in ``TASKS`` below and add its name to ``jlora.finetune.config.TASKS
 Example:
   >>> from jlora.finetune.tasks import TASKS
   >>> sorted(TASKS)
-  ['sft']
+  ['dpo', 'kto', 'orpo', 'sft', 'simpo']
 """
 
 from jlora.finetune.tasks.base import Task, TaskContext
+from jlora.finetune.tasks.preference import DPO, KTO, ORPO, SimPO
 from jlora.finetune.tasks.sft import SFT
 
-TASKS: dict[str, type[Task]] = {SFT.name: SFT}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (SFT, DPO, SimPO, ORPO, KTO)}
 
-__all__ = ["SFT", "TASKS", "Task", "TaskContext"]
+__all__ = ["DPO", "KTO", "ORPO", "SFT", "SimPO", "TASKS", "Task", "TaskContext"]

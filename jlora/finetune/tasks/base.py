@@ -12,14 +12,15 @@ What the loop asks of a task, in order:
 0. ``show(tokenizer, index)`` instead of everything below, for ``--show-example``.
 1. ``prepare(ctx)`` once, before anything is written: read and check the data
    (a ``DataError`` names the file and line), tokenize it.
-2. ``steps_per_epoch`` to size the run.
+2. ``start(params)`` once with the initial LoRA tree (before a checkpoint is restored),
+   then ``steps_per_epoch`` to size the run.
 3. ``batch(step)`` at every step: this process's rows of the step, every array
    shaped ``(grad_accum, rows, ...)``. It depends only on ``step`` (and the task's
    options), so that a resumed run sees the same batches.
 4. ``loss(params, micro_batch, key)`` inside the jitted step, once per micro-batch:
    ``(total, count, metrics)``. The step's loss is ``Σ total / Σ count`` over the
-   micro-batches, and every entry of ``metrics`` (sums over the same units) is
-   divided by ``Σ count`` too. ``params`` is the full LoRA tree; the gradient is
+   micro-batches; each entry of ``metrics`` is a micro-batch's value (a mean) and the
+   step reports its mean over the micro-batches, NaN ignored. ``params`` is the full LoRA tree; the gradient is
    taken with respect to its adapters. ``key`` is None when no dropout is on.
 5. ``evaluate(params)`` every ``eval_every`` steps and before and after training:
    held-out metrics, ``eval_loss`` first.
@@ -38,7 +39,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from jlora.finetune.options import BatchOptions, DataOptions, EvalOptions
+from jlora.finetune.options import BatchOptions, DataOptions, EvalOptions, ObjectiveOptions
 
 Params = Any
 
@@ -61,11 +62,15 @@ class Task(abc.ABC):
   """A training objective: its data, batches, loss and metrics (see the module docstring)."""
 
   name: ClassVar[str]
+  # The metrics worth a place on the console's lines and progress bar (besides loss and eval_loss, and
+  # the same names prefixed eval_); metrics.jsonl and --report-to get every metric.
+  shown: ClassVar[tuple[str, ...]] = ()
 
-  def __init__(self, data: DataOptions, batch: BatchOptions, evaluation: EvalOptions):
+  def __init__(self, data: DataOptions, batch: BatchOptions, evaluation: EvalOptions, objective: ObjectiveOptions):
     self.data_options = data
     self.batch_options = batch
     self.eval_options = evaluation
+    self.objective = objective
 
   @abc.abstractmethod
   def prepare(self, ctx: TaskContext) -> None:
@@ -74,6 +79,11 @@ class Task(abc.ABC):
     Raises:
       jlora.data.DataError: bad data (the message names the file and line).
     """
+
+  def start(self, params: Params) -> None:
+    """Called once with the initial LoRA tree (fresh, or ``--init-adapter``), before the step compiles
+    and before a checkpoint is restored: e.g. to precompute a reference's log-probs."""
+    del params
 
   @property
   @abc.abstractmethod

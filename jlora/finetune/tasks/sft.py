@@ -12,6 +12,7 @@ import optax
 
 import jlora
 import jlora.data
+from jlora import objectives
 from jlora.finetune.cli import UserError
 from jlora.finetune.tasks.base import Params, Task, TaskContext
 
@@ -90,11 +91,26 @@ class SFT(Task):
 
   def loss(self, params: Params, batch: dict[str, jax.Array], key: jax.Array | None
            ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    logits = self._wrapped(params, batch["ids"], batch["attention_mask"], batch.get("segment_ids"), lora_rng=key)
-    logits = logits[:, :-1].astype(jnp.float32)
-    mask = batch["loss_mask"][:, 1:]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["ids"][:, 1:])
-    return jnp.sum(ce * mask), jnp.sum(mask), {}
+    """Summed cross-entropy of the trained tokens, and their count.
+
+    On the native decoder the output layer runs in blocks of ``--logits-chunk`` positions, only
+    where a token is trained (``jlora.objectives.token_logprobs``): no ``[batch, tokens, vocab]``
+    logits. transformers' Flax classes give only logits: those are materialised.
+    """
+    model = self.ctx.loaded.model
+    if not hasattr(model, "hidden_states"):
+      logits = self._wrapped(params, batch["ids"], batch["attention_mask"], batch.get("segment_ids"),
+                             lora_rng=key)
+      logits = logits[:, :-1].astype(jnp.float32)
+      mask = batch["loss_mask"][:, 1:]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["ids"][:, 1:])
+      return jnp.sum(ce * mask), jnp.sum(mask), {}
+    kwargs = {} if key is None else {"lora_rng": key}
+    hidden = jlora.wrap(model.hidden_states)(params, batch["ids"], attention_mask=batch["attention_mask"],
+                                             segment_ids=batch.get("segment_ids"), **kwargs)
+    labels = objectives.next_token_labels(batch["ids"], batch["loss_mask"])
+    logps = objectives.token_logprobs(hidden, model.head(params), labels, chunk_size=self.objective.logits_chunk)
+    return -jnp.sum(logps), jnp.sum(batch["loss_mask"][:, 1:]), {}
 
   def evaluate(self, params: Params) -> dict[str, float]:
     data, size = self.eval, self.batch_options.batch_size

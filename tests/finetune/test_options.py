@@ -82,3 +82,26 @@ def test_generate_cli(tmp_path, capsys):
       f"[{out / 'peft'} (unmerged)]", f"[{out / 'peft'} (merged)]"]
   outputs = [l.split("-> ", 1)[1] for l in lines]
   assert outputs[1] == outputs[2] == outputs[3] == outputs[4]  # jlora and PEFT copies agree
+
+
+def test_a_conversation_set_trains_through_the_chat_template_and_shows_its_masks(tmp_path, capsys):
+  """The bundled two-round chats (OpenAI messages): both assistant turns trained, exact match on the
+  last answer from the conversation before it; --show-example prints the trained tokens marked."""
+  from jlora.finetune.options import ASSETS
+
+  chats = f"{ASSETS}/data/word_chats.train.jsonl"
+  held = tmp_path / "held.jsonl"
+  with open(f"{ASSETS}/data/word_chats.eval.jsonl") as f:
+    held.write_text("".join(f.readlines()[:8]))
+  summary = run(TrainConfig(output_dir=str(tmp_path / "out"), data=chats, eval_data=str(held), steps=4,
+                            batch_size=8, max_seq_len=128, rank=2, eval_exact_match=4, max_new_tokens=8,
+                            progress=False))
+  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+  rows = [json.loads(line) for line in (tmp_path / "out" / "eval_examples.jsonl").read_text().splitlines()]
+  assert len(rows) == 4 and rows[0]["prompt"].endswith("Now sort them.<|endoftext|>\n<|assistant|>\n")
+  assert "truncated" not in capsys.readouterr().out  # 128 tokens hold every conversation
+  run(TrainConfig(data=chats, show_example=0, max_seq_len=128))
+  shown = capsys.readouterr().out
+  header, body = shown.split("\n", 1)
+  assert header.startswith("example 0 of 1000: ") and body.count("[[") == 2  # the two answers, nothing else
+  assert "[[case part object<|endoftext|>\n]]" in shown and "<|user|>\nNow sort them.<|endoftext|>" in shown

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -50,13 +51,18 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, *, adapters, opt_state, rng, meta: dict, force: bool = False) -> bool:
+  def save(self, step: int, *, adapters, opt_state, rng, meta: dict, task_state: Any = None,
+           force: bool = False) -> bool:
+    """Saves step ``step``'s state (when ``save_every`` says so, or ``force``); ``task_state``: the
+    task's own arrays (``Task.state()``: e.g. a rollout batch reused over several steps)."""
     state = {
         "adapters": ck.adapter_state(adapters),
         "opt_state": list(jax.tree.leaves(opt_state)),
         "step": np.int64(step),
         "rng": np.asarray(jax.random.key_data(rng)),
     }
+    if task_state is not None:
+      state["task"] = task_state
     meta = {**meta, "step": int(step), "data_position": int(step)}
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
@@ -78,8 +84,8 @@ class TrainCheckpointer:
       raise UnreadableCheckpoint(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
 
   def restore(self, step: int, *, base_params, adapters_template, opt_state_template, rng_template,
-              check: Callable[[dict, str], None] | None = None):
-    """Returns ``(adapters, opt_state, rng, meta)``; checks base model and LoRA config first.
+              task_state_template: Any = None, check: Callable[[dict, str], None] | None = None):
+    """Returns ``(adapters, opt_state, rng, meta, task_state)``; checks base model and LoRA config first.
 
     ``check(meta, where)`` is called with the checkpoint's metadata before any array is read;
     it raises to refuse the checkpoint (e.g. ``UserError``: other training options).
@@ -110,6 +116,8 @@ class TrainCheckpointer:
         "step": jax.ShapeDtypeStruct((), np.int64),
         "rng": _abstract(np.asarray(jax.random.key_data(rng_template))),
     }
+    if task_state_template is not None:
+      abstract["task"] = jax.tree.map(_abstract, task_state_template)
     stored = self._read(step, "array metadata", lambda: self.manager.item_metadata(step)["state"].tree)
     want = jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), abstract)
     try:
@@ -126,10 +134,10 @@ class TrainCheckpointer:
     treedef = jax.tree.structure(opt_state_template)
     opt_state = jax.tree.unflatten(treedef, state["opt_state"])
     rng = jax.random.wrap_key_data(np.asarray(state["rng"]))
-    return adapters, opt_state, rng, meta
+    return adapters, opt_state, rng, meta, state.get("task")
 
   def restore_newest_readable(self, *, say: Callable[[str], None], **templates):
-    """Restores the newest readable checkpoint: ``(step, (adapters, opt_state, rng, meta))``, or None.
+    """Restores the newest readable checkpoint: ``(step, (adapters, opt_state, rng, meta, task_state))``, or None.
 
     Each unreadable checkpoint newer than it is reported through ``say`` and
     moved to ``../checkpoints.unreadable/<step>`` (kept for inspection; the

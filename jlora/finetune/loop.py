@@ -96,7 +96,7 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
   tokens_since, t_last, last_eval = 0, time.time(), None
   with _Preemption() as preempt:
     for step in range(run.start, run.total):
-      local = task.batch(step)
+      local = task.batch(step, jlora.combine(adapters, run.frozen))
       batch = distributed.global_batch(local, mesh)
       if "attention_mask" in local:
         tokens_since += int(local["attention_mask"].sum()) * jax.process_count()
@@ -106,7 +106,7 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
       if done % o.log_every == 0 or done == run.total:
         dt = max(time.time() - t_last, 1e-9)
         entry = {"step": done, "loss": float(loss), "grad_norm": float(gnorm), "tokens_per_s": tokens_since / dt,
-                 **{k: float(v) for k, v in metrics.items()}}
+                 **{k: float(v) for k, v in metrics.items()}, **task.pop_metrics()}
         if done % o.eval_every == 0 or done == run.total:
           last_eval = task.evaluate(jlora.combine(adapters, run.frozen))
           entry.update(last_eval)
@@ -123,7 +123,7 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
       if bar is not None:
         bar.update(1)
       run.checkpointer.save(done, adapters=adapters, opt_state=opt_state, rng=run.rng, meta=run.meta,
-                            force=preempt.requested or done == run.total)
+                            task_state=task.state(), force=preempt.requested or done == run.total)
       if preempt.requested and done < run.total:
         run.checkpointer.wait()
         if bar is not None:

@@ -83,14 +83,21 @@ def make_optimizer(o: OptimOptions, total_steps: int) -> optax.GradientTransform
   return optax.chain(*parts)
 
 
-def load_model(o: ModelOptions, mesh=None) -> LoadedModel:
-  """The base model of ``--model`` (or the bundled one); a ``UserError`` for a bad directory."""
+def check_model_dir(o: ModelOptions) -> str:
+  """``--model``'s directory (or the bundled one's), or a ``UserError`` if it is not a model directory."""
   where = f"--model {o.model!r}" if o.model else f"the bundled model {o.model_dir!r}"
   if not os.path.isdir(o.model_dir):
     raise UserError(f"{where} is not a directory; give a local Hugging Face model directory (config.json "
                     "and weights)")
   if not os.path.exists(os.path.join(o.model_dir, "config.json")):
     raise UserError(f"{where} has no config.json; give a Hugging Face model directory")
+  return o.model_dir
+
+
+def load_model(o: ModelOptions, mesh=None) -> LoadedModel:
+  """The base model of ``--model`` (or the bundled one); a ``UserError`` for a bad directory."""
+  where = f"--model {o.model!r}" if o.model else f"the bundled model {o.model_dir!r}"
+  check_model_dir(o)
   try:
     return model_lib.load(o.model_dir, bf16=o.bf16, remat=o.remat, model_id=o.model_id, mesh=mesh,
                           sharding=o.sharding)
@@ -215,10 +222,10 @@ def setup(task: Task, model_opts: ModelOptions, lora_opts: LoraOptions, optim_op
   step_fn = make_train_step(task.loss, tx, remat=model_opts.remat and not loaded.native,
                             use_dropout=lora_opts.lora_dropout > 0, regularizer=policy.regularizer(),
                             shardings=shardings)
-  example = distributed.global_batch(task.batch(0), mesh)
+  example = task.example_batch()
   compiled = memory_check.compile_and_check(
-      step_fn, (adapters, opt_state, frozen, example, rng), batch=batch_opts, remat=model_opts.remat,
-      resize=lambda b: distributed.global_batch(_resized(task.batch(0), b), mesh))
+      step_fn, (adapters, opt_state, frozen, distributed.global_batch(example, mesh), rng), batch=batch_opts,
+      remat=model_opts.remat, resize=lambda b: distributed.global_batch(_resized(example, b), mesh))
 
   # Setup succeeded: only now is the output directory touched.
   if overwrite and main_process:
@@ -245,9 +252,12 @@ def setup(task: Task, model_opts: ModelOptions, lora_opts: LoraOptions, optim_op
                         f"or {START_FRESH}.")
 
     restored = ckpt.restore_newest_readable(say=say, base_params=base_params, adapters_template=adapters,
-                                            opt_state_template=opt_state, rng_template=rng, check=check)
+                                            opt_state_template=opt_state, rng_template=rng,
+                                            task_state_template=task.state(), check=check)
     if restored is not None:
-      start, (adapters, opt_state, rng, _) = restored
+      start, (adapters, opt_state, rng, _, task_state) = restored
+      if task_state is not None:
+        task.set_state(task_state)
       if start > total:
         raise UserError(f"{ckpt.directory}/{start} is past this run's last step ({total}); rerun with the "
                         f"--steps/--epochs it was started with, or {START_FRESH}")

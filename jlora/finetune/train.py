@@ -25,7 +25,7 @@ from jlora.finetune.loaded import load_tokenizer
 from jlora.finetune.loop import PREEMPTED_EXIT_CODE  # noqa: F401  (re-exported: the command's exit status)
 from jlora.finetune.options import (BatchOptions, DataOptions, EvalOptions, LoopOptions, LoraOptions, ModelOptions,
                                     ObjectiveOptions, OptimOptions, OutputOptions, ProcessOptions, group)
-from jlora.finetune.setup import make_optimizer, setup  # noqa: F401  (make_optimizer: re-exported)
+from jlora.finetune.setup import check_model_dir, make_optimizer, setup  # noqa: F401  (make_optimizer: re-exported)
 from jlora.finetune.tasks import TASKS
 
 
@@ -44,6 +44,11 @@ def run(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False) -> di
       options that do not fit in memory, or a checkpoint of other options to resume
       (before any training; the message names the option to fix).
   """
+  data, model = group(cfg, DataOptions), group(cfg, ModelOptions)
+  task = TASKS[data.task](data, group(cfg, BatchOptions), group(cfg, EvalOptions), group(cfg, ObjectiveOptions))
+  if data.show_example >= 0:  # the data as the loss sees it, and nothing else: no weights are read
+    print(task.show(load_tokenizer(check_model_dir(model)), data.show_example), flush=True)
+    return {"shown": data.show_example}
   process = group(cfg, ProcessOptions)
   pinned = numerics.pin() if process.reproducible else "not pinned: --no-reproducible"
   if process.reproducible and pinned.startswith("not"):
@@ -56,12 +61,6 @@ def run(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False) -> di
   main_process = jax.process_index() == 0
   say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
   t_start = time.time()
-  data = group(cfg, DataOptions)
-  task = TASKS[data.task](data, group(cfg, BatchOptions), group(cfg, EvalOptions), group(cfg, ObjectiveOptions))
-  model = group(cfg, ModelOptions)
-  if data.show_example >= 0:  # the data as the loss sees it, and nothing else: no weights are read
-    print(task.show(load_tokenizer(model.model_dir), data.show_example), flush=True)
-    return {"shown": data.show_example}
   with rundir.removed_on_failure(out) as state:
     rundir.make(out)  # a directory that cannot be written is refused before anything else is done
     run_ = setup(task, model, group(cfg, LoraOptions), group(cfg, OptimOptions), group(cfg, BatchOptions),

@@ -112,7 +112,7 @@ def test_each_file_damaged_alone_is_skipped_or_harmless(tmp_path):
     with open(damaged, "r+b") as f:
       f.truncate(os.path.getsize(damaged) // 2)
     said = []
-    step, (a, o, r, _) = TrainCheckpointer(str(work), keep=3, save_every=1).restore_newest_readable(
+    step, (a, o, r, _, _) = TrainCheckpointer(str(work), keep=3, save_every=1).restore_newest_readable(
         say=said.append, base_params=base, adapters_template=states[2][0], opt_state_template=states[2][1],
         rng_template=states[2][2])
     want = states[step]

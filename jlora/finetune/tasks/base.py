@@ -14,9 +14,14 @@ What the loop asks of a task, in order:
    (a ``DataError`` names the file and line), tokenize it.
 2. ``start(params)`` once with the initial LoRA tree (before a checkpoint is restored),
    then ``steps_per_epoch`` to size the run.
-3. ``batch(step)`` at every step: this process's rows of the step, every array
-   shaped ``(grad_accum, rows, ...)``. It depends only on ``step`` (and the task's
-   options), so that a resumed run sees the same batches.
+3. ``batch(step, params)`` at every step, with the current LoRA tree (a task that
+   generates its data, as GRPO's rollouts, uses it): this process's rows of the step,
+   every array shaped ``(grad_accum, rows, ...)``. It depends only on ``step``, the
+   params and the task's state, so that a resumed run sees the same batches; whatever
+   else it needs to resume identically (a rollout batch reused over several steps) is
+   ``state()``, saved in every checkpoint and given back by ``set_state`` on resume.
+   ``example_batch()`` is a batch of the same shapes, for compiling the step;
+   ``pop_metrics()`` is logged with the step's (e.g. rollout rewards, tokens/s).
 4. ``loss(params, micro_batch, key)`` inside the jitted step, once per micro-batch:
    ``(total, count, metrics)``. The step's loss is ``Σ total / Σ count`` over the
    micro-batches; each entry of ``metrics`` is a micro-batch's value (a mean) and the
@@ -91,8 +96,25 @@ class Task(abc.ABC):
     """Optimizer steps in one pass over the training data."""
 
   @abc.abstractmethod
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's part of step ``step``'s batch, each array ``(grad_accum, rows, ...)``."""
+  def batch(self, step: int, params: Params) -> dict[str, np.ndarray]:
+    """This process's part of step ``step``'s batch, each array ``(grad_accum, rows, ...)``; ``params`` is the
+    current LoRA tree (None when only shapes matter)."""
+
+  def example_batch(self) -> dict[str, np.ndarray]:
+    """A batch of the step's shapes (what the step is compiled and its memory checked with)."""
+    return self.batch(0, None)
+
+  def state(self) -> Any:
+    """What a resumed run needs beyond the adapters, optimizer and rng (arrays of fixed shapes), or None."""
+    return None
+
+  def set_state(self, state: Any) -> None:
+    """Takes back ``state()`` from the checkpoint a run resumes from."""
+    del state
+
+  def pop_metrics(self) -> dict[str, float]:
+    """Metrics of the batches made since the last call (logged with the step's)."""
+    return {}
 
   @abc.abstractmethod
   def loss(self, params: Params, batch: dict[str, jax.Array], key: jax.Array | None

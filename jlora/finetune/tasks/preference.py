@@ -118,7 +118,7 @@ class _Pairs(Task):
       mb["ref_chosen_logps"], mb["ref_rejected_logps"] = ref["chosen"][rows], ref["rejected"][rows]
     return mb
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int, params: Params = None) -> dict[str, np.ndarray]:
     micro = [self._micro(rows, "train") for rows in self.batches.indices(step)]
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
@@ -314,7 +314,7 @@ class KTO(Task):
   def steps_per_epoch(self) -> int:
     return self.batches.steps_per_epoch
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int, params: Params = None) -> dict[str, np.ndarray]:
     idx = self.batches.indices(step)  # (grad_accum, rows)
     return {k: v[idx] for k, v in self.rows["train"].items()}
 

@@ -86,7 +86,7 @@ class SFT(Task):
   def steps_per_epoch(self) -> int:
     return self.batches.steps_per_epoch
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int, params: Params = None) -> dict[str, np.ndarray]:
     return self.batches.get(step)
 
   def loss(self, params: Params, batch: dict[str, jax.Array], key: jax.Array | None

@@ -53,7 +53,8 @@ def decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
   if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
     raise ValueError(f"MXFP4 blocks and scales are uint8, got {blocks.dtype} and {scales.dtype}")
   if blocks.ndim != 4 or blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
-    raise ValueError(f"MXFP4 blocks (E, rows, G, 16) and scales (E, rows, G) do not fit: {blocks.shape}, {scales.shape}")
+    raise ValueError(f"MXFP4 blocks (E, rows, G, 16) and scales (E, rows, G) do not fit: {blocks.shape}, "
+                     f"{scales.shape}")
   codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # low nibble first
   values = FP4_VALUES[codes].reshape(*scales.shape, BLOCK)
   values = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)

@@ -42,7 +42,8 @@ _ACT = {
 }
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, plus_one: bool, scale_in_float32: bool = False) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, plus_one: bool,
+             scale_in_float32: bool = False) -> jax.Array:
   """RMSNorm in float32; Llama-style ``w * norm(x)`` or Gemma-style ``norm(x) * (1 + w)``.
 
   ``scale_in_float32``: gpt-oss' ``w * norm(x)`` in float32, cast afterwards (Llama casts first).

@@ -285,7 +285,8 @@ def save(directory: str, model: Decoder, params: Params, *, max_shard_bytes: int
   ``params``. MoE experts are written in the checkpoint's own layout (one tensor
   per expert, or gpt-oss' 3-D tensors); a gpt-oss read from MXFP4 is written
   dense (its decoded kernels, in the parameters' dtype, without
-  ``quantization_config``), which transformers loads as a plain model. Parameters must be plain arrays (``jlora.merge`` an adapted tree first)
+  ``quantization_config``), which transformers loads as a plain model.
+  Parameters must be plain arrays (``jlora.merge`` an adapted tree first)
   that this process can read in full, or 4-bit ``jlora.NF4Weight`` kernels: then
   the directory is a bitsandbytes ``*-bnb-4bit`` checkpoint (every linear kernel
   but ``lm_head`` 4-bit, one format; ``quantization_config`` in ``config.json``)

@@ -85,7 +85,7 @@ def _linear(x: jax.Array, p: Any) -> jax.Array:
 
 
 def _clamped_swiglu(gate_up: jax.Array) -> jax.Array:
-  """gpt-oss: columns interleaved (gate, up); ``(clip(up) + 1) * g * sigmoid(alpha g)`` with ``g = min(gate, limit)``."""
+  """gpt-oss: columns interleaved (gate, up); ``(clip(up) + 1) * g * sigmoid(alpha g)``, ``g = min(gate, limit)``."""
   gate, up = gate_up[..., ::2], gate_up[..., 1::2]
   gate = jnp.minimum(gate, GPT_OSS_LIMIT)
   up = jnp.clip(up, -GPT_OSS_LIMIT, GPT_OSS_LIMIT)

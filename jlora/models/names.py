@@ -98,8 +98,8 @@ def param_table(cfg: ModelConfig) -> list[Param]:
   for name, (fan_in, fan_out) in {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}.items():
     if not dense:
       break
-    out.append(Param(f"layers/mlp/{name}/kernel", (len(dense), fan_in, fan_out), f"model.layers.{{i}}.mlp.{name}.weight",
-                     "kernel", True, sub))
+    out.append(Param(f"layers/mlp/{name}/kernel", (len(dense), fan_in, fan_out),
+                     f"model.layers.{{i}}.mlp.{name}.weight", "kernel", True, sub))
     if cfg.mlp_bias:
       out.append(Param(f"layers/mlp/{name}/bias", (len(dense), fan_out), f"model.layers.{{i}}.mlp.{name}.bias",
                        "vector", True, sub))

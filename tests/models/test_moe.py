@@ -137,7 +137,8 @@ def test_save_writes_the_checkpoint_layout_and_loads_in_transformers(family, nam
   assert model == f.model
   jax.tree.map(np.testing.assert_array_equal, params, f.params)  # bit for bit
   # The checkpoint's own tensors (one per expert; gpt-oss' 3-D experts), with the same values.
-  original, saved = load_file(os.path.join(f.directory, "model.safetensors")), load_file(os.path.join(d, "model.safetensors"))
+  original = load_file(os.path.join(f.directory, "model.safetensors"))
+  saved = load_file(os.path.join(d, "model.safetensors"))
   assert saved.keys() == original.keys()
   for k in original:
     np.testing.assert_array_equal(saved[k], original[k], err_msg=k)
@@ -209,7 +210,8 @@ def test_mxfp4_experts_decode_as_transformers_does(family, tmp_path):
       dense = np.asarray(f.params["layers"]["mlp"]["experts"][proj]["kernel"][i])
       assert np.abs(np.asarray(experts[proj]["kernel"][i]) - dense).max() < 0.2 * np.abs(dense).max()
   # transformers' own loader (CPU: it dequantizes to bf16) builds the same experts from the directory.
-  tm = transformers.AutoModelForCausalLM.from_pretrained(q, quantization_config=transformers.Mxfp4Config(dequantize=True))
+  tm = transformers.AutoModelForCausalLM.from_pretrained(
+      q, quantization_config=transformers.Mxfp4Config(dequantize=True))
   for i, layer in enumerate(tm.model.layers):
     np.testing.assert_array_equal(layer.mlp.experts.down_proj.detach().float().numpy(),
                                   np.asarray(experts["down_proj"]["kernel"][i]))
@@ -344,7 +346,8 @@ def test_bad_moe_configurations_are_errors_that_name_them(family, tmp_path):
   base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
           "num_attention_heads": 4}
   with pytest.raises(ValueError, match=r"num_experts_per_tok \(9\) is larger than num_local_experts \(8\)"):
-    jlora.models.ModelConfig.from_hf({"model_type": "mixtral", **base, "num_local_experts": 8, "num_experts_per_tok": 9})
+    jlora.models.ModelConfig.from_hf({"model_type": "mixtral", **base, "num_local_experts": 8,
+                                      "num_experts_per_tok": 9})
   with pytest.raises(ValueError, match=r"num_experts_per_tok \(5\) is larger than num_experts \(4\)"):
     jlora.models.ModelConfig.from_hf({"model_type": "qwen3_moe", **base, "num_experts": 4, "num_experts_per_tok": 5})
   with pytest.raises(ValueError, match="use_sliding_window with qwen2_moe is not supported"):

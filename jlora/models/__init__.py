@@ -1,7 +1,8 @@
 """Native JAX decoders for modern open LLMs, loaded from Hugging Face safetensors.
 
 One parametric, layer-scanned decoder covers Llama 2/3.x, Mistral, Qwen2/3 and
-Gemma 1/2/3 (text); every family is verified against PyTorch transformers.
+Gemma 1/2/3 (text), and the mixture-of-experts families Mixtral, Qwen2-MoE,
+Qwen3-MoE and gpt-oss; every family is verified against PyTorch transformers.
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora.models
@@ -23,6 +24,7 @@ from jlora.models.io import CheckpointError
 from jlora.models.io import load
 from jlora.models.io import read_config
 from jlora.models.io import save
+from jlora.models.moe import load_balancing_loss
 
 # The bundled 1M-parameter Llama (pretrained on the CPython docs), a directory like any HF checkpoint.
 TINY_BASE: str = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "assets", "tiny-base")
@@ -36,6 +38,7 @@ __all__ = [
     "RopeConfig",
     "generate",
     "load",
+    "load_balancing_loss",
     "read_config",
     "save",
 ]

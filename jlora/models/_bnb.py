@@ -52,11 +52,13 @@ class _Lazy(Mapping):
 
 
 def check_config(hf_config: Mapping[str, Any], directory: str, error: type[Exception]) -> None:
-  """Refuses a ``quantization_config`` other than bitsandbytes 4-bit, naming it."""
+  """Refuses a ``quantization_config`` other than bitsandbytes 4-bit (or gpt-oss' MXFP4), naming it."""
   qc = hf_config.get("quantization_config")
   if not qc:
     return
   method = qc.get("quant_method", "bitsandbytes")
+  if method == "mxfp4" and hf_config.get("model_type") == "gpt_oss":
+    return  # its expert weights are decoded on load (jlora.models._mxfp4)
   if method != "bitsandbytes":
     raise error(f"{directory}: config.json's quantization_config uses quant_method {method!r}; jlora.models "
                 "reads bitsandbytes 4-bit checkpoints (*-bnb-4bit) only. Load the unquantized model instead.")
@@ -91,6 +93,9 @@ def read_kernel(readers: Readers, p: Param, cfg: ModelConfig, dtype: Any, error:
   quantized = [is_bnb_4bit(readers, n) for n in names]
   if not any(quantized):
     return None
+  if p.experts:
+    raise error(f"{directory}: {p.path!r} (routed experts) is stored in 4 bits; jlora.models reads 4-bit "
+                "attention and dense-MLP kernels only. Load the unquantized model instead.")
   if not all(quantized):
     dense = [n for n, q in zip(names, quantized) if not q]
     raise error(f"{directory}: {p.path!r} is stored in 4 bits in some layers but not in {dense[:4]}; "

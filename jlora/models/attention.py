@@ -2,8 +2,9 @@
 
 The kernel is ``jax.nn.dot_product_attention`` — XLA everywhere, cuDNN's fused
 kernel on GPU where its shape/dtype limits allow. Gemma 2's logit soft-capping
-(``cap * tanh(s / cap)`` before the softmax) is not expressible there, so
-soft-capped models use a plain XLA implementation (same math, float32 logits).
+(``cap * tanh(s / cap)`` before the softmax) and gpt-oss' attention sinks (a
+learned logit per head that joins the softmax) are not expressible there, so
+those models use a plain XLA implementation (same math, float32 logits).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def _cudnn_ok(q: jax.Array, k: jax.Array) -> bool:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
-           softcap: float | None = None, implementation: str = "auto") -> jax.Array:
+           softcap: float | None = None, sinks: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
   """Grouped-query attention ``(B, T, N, H) x (B, S, K, H) -> (B, T, N, H)``.
 
   ``implementation``: ``"auto"`` (cuDNN on GPU for bf16/fp16 when the shapes
   allow, else XLA), ``"xla"`` or ``"cudnn"`` (an error where unsupported).
+  ``sinks`` (``(N,)``, gpt-oss): each head's logit joins the softmax as an
+  extra key without a value, so a row's weights sum to less than 1.
   Rows whose keys are all masked (padding queries) give finite, meaningless
   outputs, as in ``jax.nn.dot_product_attention``.
 
@@ -65,10 +68,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
-  if softcap is not None:
+  if softcap is not None or sinks is not None:
     if implementation == "cudnn":
-      raise ValueError("attention soft-capping (Gemma 2) has no cuDNN kernel; use implementation='xla'.")
-    return _softcapped(q, k, v, mask, scale=scale, softcap=softcap)
+      raise ValueError("attention soft-capping (Gemma 2) and attention sinks (gpt-oss) have no cuDNN kernel; use "
+                       "implementation='xla'.")
+    return _eager(q, k, v, mask, scale=scale, softcap=softcap, sinks=sinks)
   impl = "xla"
   if implementation == "cudnn" or (implementation == "auto" and _cudnn_ok(q, k)):
     impl = "cudnn"
@@ -80,16 +84,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: 
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
 
 
-def _softcapped(q, k, v, mask, *, scale: float, softcap: float) -> jax.Array:
-  """Eager attention with ``softcap * tanh(logits / softcap)`` (transformers' Gemma 2)."""
+def _eager(q, k, v, mask, *, scale: float, softcap: float | None, sinks: jax.Array | None) -> jax.Array:
+  """Eager attention with ``softcap * tanh(logits / softcap)`` (transformers' Gemma 2) and/or
+  attention sinks (transformers' gpt-oss: the sink column joins the softmax, then is dropped)."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   g = n // kv_heads
   qg = q.reshape(b, t, kv_heads, g, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.tanh(logits / softcap) * softcap
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
   big_neg = jnp.finfo(jnp.float32).min / 2
   logits = jnp.where(mask[:, :, None], logits, big_neg)  # mask (B, 1, T, S) -> (B, 1, 1, T, S)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  if sinks is None:
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  else:
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, g, 1, 1), (b, kv_heads, g, t, 1))
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1].astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
   return out.astype(q.dtype).reshape(b, t, n, h)

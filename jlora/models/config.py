@@ -13,9 +13,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+# Mixture-of-experts families: routed experts in every (Qwen: every sparse) layer.
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", *MOE_MODEL_TYPES)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# How router logits become each token's experts and weights (see ModelConfig.routing).
+ROUTINGS = ("softmax_topk", "topk_softmax")
+# The routed experts' MLP (see ModelConfig.expert_mlp).
+EXPERT_MLPS = ("swiglu", "gpt_oss")
+# The config.json key that holds the number of routed experts, per family (for error messages).
+EXPERTS_KEY = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "qwen2_moe": "num_experts",
+               "qwen3_moe": "num_experts"}
 # transformers' ACT2FN names -> the decoder's canonical activation.
 ACTIVATIONS = {
     "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -145,6 +154,33 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
+  # -- mixture of experts (num_experts = 0: a dense model) --
+  # Routed experts per MoE layer, and how many of them each token uses (top-k).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  # Width of each routed expert's MLP (intermediate_size is the width of the dense layers' MLP).
+  moe_intermediate_size: int = 0
+  # One per layer: True where the layer's MLP is the routed experts, False where it is the dense MLP
+  # (Qwen's decoder_sparse_step / mlp_only_layers). Empty for dense models.
+  moe_layers: tuple[bool, ...] = ()
+  # "softmax_topk": softmax over all experts in float32, then the top k (Mixtral, Qwen);
+  # "topk_softmax": the top k logits, then a softmax over those in the logits' dtype (gpt-oss).
+  routing: str = "softmax_topk"
+  # softmax_topk: divide the top-k weights by their sum (Mixtral always; Qwen's norm_topk_prob).
+  norm_topk_prob: bool = False
+  # The router has a bias (gpt-oss).
+  router_bias: bool = False
+  # "swiglu": down(act(gate x) * up x) without biases (Mixtral, Qwen); "gpt_oss": one fused gate_up
+  # projection (columns interleaved gate, up) with biases and the clamped SwiGLU, then down with a bias.
+  expert_mlp: str = "swiglu"
+  # Qwen2-MoE: width of the shared expert, added to every token as sigmoid(x . w) * shared(x); 0 = none.
+  shared_expert_intermediate_size: int = 0
+  # transformers' router_aux_loss_coef (the weight of the load-balancing loss in its training loss).
+  router_aux_loss_coef: float = 0.0
+  # gpt-oss: each attention head has a learned logit (a "sink") that joins the softmax and is dropped.
+  attention_sinks: bool = False
+  # gpt-oss: RMSNorm multiplies by its weight in float32, then casts (Llama casts first).
+  norm_scale_in_float32: bool = False
   # The original config.json as sorted JSON (written back by jlora.models.save).
   hf_config: str = dataclasses.field(default="{}", compare=False, repr=False)
 
@@ -178,6 +214,39 @@ class ModelConfig:
       raise ValueError(f"ModelConfig: sliding-attention layers need sliding_window >= 1, got {self.sliding_window!r}.")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    self._check_moe()
+
+  def _check_moe(self) -> None:
+    moe_layers = tuple(bool(m) for m in self.moe_layers) or (self.num_experts > 0,) * self.num_layers
+    object.__setattr__(self, "moe_layers", moe_layers)
+    if len(moe_layers) != self.num_layers:
+      raise ValueError(f"ModelConfig.moe_layers must have one entry per layer ({self.num_layers}), "
+                       f"got {len(moe_layers)}.")
+    if self.num_experts == 0:
+      if any(moe_layers):
+        raise ValueError("ModelConfig.moe_layers marks MoE layers but num_experts is 0.")
+      return
+    experts_key = EXPERTS_KEY.get(self.model_type, "num_experts")
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        key = experts_key if name == "num_experts" else name
+        raise ValueError(f"config.json: {key} must be a positive integer in a mixture-of-experts model, got {v!r}.")
+    if self.num_experts_per_tok > self.num_experts:
+      raise ValueError(f"config.json: num_experts_per_tok ({self.num_experts_per_tok}) is larger than "
+                       f"{experts_key} ({self.num_experts}): each token is routed to num_experts_per_tok "
+                       f"distinct experts out of {experts_key}.")
+    if self.routing not in ROUTINGS:
+      raise ValueError(f"ModelConfig.routing must be one of {ROUTINGS}, got {self.routing!r}.")
+    if self.expert_mlp not in EXPERT_MLPS:
+      raise ValueError(f"ModelConfig.expert_mlp must be one of {EXPERT_MLPS}, got {self.expert_mlp!r}.")
+    if self.shared_expert_intermediate_size < 0:
+      raise ValueError("ModelConfig.shared_expert_intermediate_size must be >= 0.")
+
+  @property
+  def is_moe(self) -> bool:
+    """Whether any layer routes its tokens to experts."""
+    return any(self.moe_layers)
 
   @property
   def eos_token_ids(self) -> tuple[int, ...]:
@@ -224,8 +293,19 @@ class ModelConfig:
         mwl = int(d.get("max_window_layers", layers))
         layer_types = ["sliding_attention" if window is not None and i >= mwl else "full_attention"
                        for i in range(layers)]
-    elif mt == "mistral":
+    elif mt in ("mistral", "mixtral"):
       layer_types = ["sliding_attention" if window else "full_attention"] * layers
+    elif mt in ("qwen2_moe", "qwen3_moe"):
+      # transformers 4.57.6 builds one sliding-window mask for every layer when use_sliding_window is set.
+      window = window if d.get("use_sliding_window", False) else None
+      if mt == "qwen2_moe" and window is not None:
+        raise ValueError("config.json: use_sliding_window with qwen2_moe is not supported: transformers 4.57.6 "
+                         "windows every layer in its eager/SDPA attention but only layers >= max_window_layers "
+                         "with flash attention, so the model has no single meaning. Set use_sliding_window: false "
+                         "(as every released Qwen2-MoE checkpoint does).")
+      layer_types = ["sliding_attention" if window else "full_attention"] * layers
+    elif mt == "gpt_oss" and layer_types is None:
+      layer_types = ["sliding_attention" if bool((i + 1) % 2) else "full_attention" for i in range(layers)]
     elif mt == "gemma2" and layer_types is None:
       layer_types = ["sliding_attention" if not bool(i % 2) else "full_attention" for i in range(layers)]
     elif mt == "gemma3_text" and layer_types is None:
@@ -238,6 +318,7 @@ class ModelConfig:
     if "sliding_attention" not in layer_types:
       window = None
     rope, rope_local = _rope_from_hf(d, mt)
+    moe = _moe_from_hf(d, mt, layers) if mt in MOE_MODEL_TYPES else {}
     scalar = d.get("query_pre_attn_scalar") if mt in ("gemma2", "gemma3_text") else None
     tie_default = gemma
     return cls(
@@ -246,10 +327,12 @@ class ModelConfig:
         num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(head_dim),
         norm_eps=float(d.get("rms_norm_eps", 1e-6)), activation=ACTIVATIONS[act_name],
         tie_embeddings=bool(d.get("tie_word_embeddings", tie_default)),
-        qkv_bias=True if mt == "qwen2" else attention_bias,
-        o_bias=attention_bias if mt in ("llama", "qwen3", "gemma", "gemma2", "gemma3_text") else False,
+        qkv_bias=(True if mt in ("qwen2", "gpt_oss") else bool(d.get("qkv_bias", True)) if mt == "qwen2_moe"
+                  else attention_bias),
+        o_bias=(True if mt == "gpt_oss" else
+                attention_bias if mt in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text") else False),
         mlp_bias=bool(d.get("mlp_bias", False)) if mt == "llama" else False,
-        qk_norm=mt in ("qwen3", "gemma3_text"), norm_plus_one=gemma, scale_embeddings=gemma,
+        qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text"), norm_plus_one=gemma, scale_embeddings=gemma,
         sandwich_norms=mt in ("gemma2", "gemma3_text"),
         query_scale=float(scalar if scalar is not None else head_dim) ** -0.5,
         attn_softcap=_opt_float(d.get("attn_logit_softcapping")) if mt in ("gemma2", "gemma3_text") else None,
@@ -258,7 +341,7 @@ class ModelConfig:
         rope=rope, rope_local=rope_local,
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
-        hf_config=json.dumps(raw, sort_keys=True),
+        hf_config=json.dumps(raw, sort_keys=True), **moe,
     )
 
 
@@ -274,6 +357,51 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma3_text": {**_GEMMA, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
                     "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
 }
+
+# Mixture-of-experts families (transformers 4.57.6 configuration_<family>.py defaults).
+_FAMILY_DEFAULTS.update({
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                "sliding_window": None, "router_aux_loss_coef": 0.001, "max_position_embeddings": 4096 * 32},
+    "qwen2_moe": {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                  "shared_expert_intermediate_size": 5632, "norm_topk_prob": False, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "qkv_bias": True, "use_sliding_window": False, "sliding_window": 4096,
+                  "router_aux_loss_coef": 0.001, "max_position_embeddings": 32768},
+    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                  "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "use_sliding_window": False, "sliding_window": 4096, "router_aux_loss_coef": 0.001,
+                  "max_position_embeddings": 32768},
+    "gpt_oss": {"num_local_experts": 128, "num_experts_per_tok": 4, "head_dim": 64, "sliding_window": 128,
+                "rope_theta": 150000.0, "rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.9,
+                "max_position_embeddings": 131072, "intermediate_size": 2880,
+                "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 4096}},
+})
+
+
+def _moe_from_hf(d: Mapping[str, Any], mt: str, layers: int) -> dict[str, Any]:
+  """The mixture-of-experts fields of ``ModelConfig`` from a MoE family's ``config.json``."""
+  experts_key = EXPERTS_KEY[mt]
+  num_experts = int(d.get(experts_key) or 0)
+  if mt in ("qwen2_moe", "qwen3_moe"):  # Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer
+    step = int(d.get("decoder_sparse_step") or 1)
+    dense = {int(i) for i in d.get("mlp_only_layers") or ()}
+    moe_layers = [i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in range(layers)]
+  else:
+    moe_layers = [num_experts > 0] * layers
+  if not any(moe_layers):
+    num_experts = 0
+  gpt_oss = mt == "gpt_oss"
+  width = d.get("moe_intermediate_size") if mt in ("qwen2_moe", "qwen3_moe") else d.get("intermediate_size")
+  return dict(
+      num_experts=num_experts, num_experts_per_tok=int(d.get("num_experts_per_tok") or 0) if num_experts else 0,
+      moe_intermediate_size=int(width or 0) if num_experts else 0, moe_layers=tuple(moe_layers),
+      routing="topk_softmax" if gpt_oss else "softmax_topk",
+      norm_topk_prob=True if mt == "mixtral" else bool(d.get("norm_topk_prob", False)),
+      router_bias=gpt_oss, expert_mlp="gpt_oss" if gpt_oss else "swiglu",
+      shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0) if mt == "qwen2_moe" else 0,
+      router_aux_loss_coef=float(d.get("router_aux_loss_coef") or 0.0),
+      attention_sinks=gpt_oss, norm_scale_in_float32=gpt_oss,
+  )
 
 
 def _opt_float(v) -> float | None:

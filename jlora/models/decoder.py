@@ -22,14 +22,18 @@ from jax import lax
 from jlora._config import KernelLayout
 from jlora._targets import expand_targets
 from jlora.models import attention as attn_lib
+from jlora.models import moe as moe_lib
 from jlora.models import rope as rope_lib
 from jlora.models.config import ModelConfig
+from jlora.models.groups import group_params, layer_groups
 from jlora.models.names import module_name, param_table
 from jlora.peft import ModuleMap
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
 REMAT_POLICIES = ("none", "full", "dots")
+# The routers of a MoE layer: linear kernels that "all-linear" leaves out (they are adapted only when named).
+ROUTERS = ("router", "shared_expert_gate")
 _ACT = {
     "silu": jax.nn.silu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -38,8 +42,11 @@ _ACT = {
 }
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, plus_one: bool) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, plus_one: bool,
+             scale_in_float32: bool = False) -> jax.Array:
   """RMSNorm in float32; Llama-style ``w * norm(x)`` or Gemma-style ``norm(x) * (1 + w)``.
+
+  ``scale_in_float32``: gpt-oss' ``w * norm(x)`` in float32, cast afterwards (Llama casts first).
 
   Example:
     >>> import jax.numpy as jnp
@@ -51,6 +58,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float, plus_one: bool) -> j
   xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   if plus_one:  # transformers' Gemma: (x * (1 + w)) in float32, then cast
     return (xf * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+  if scale_in_float32:  # transformers' gpt-oss
+    return (scale.astype(jnp.float32) * xf).astype(x.dtype)
   return (scale * xf.astype(x.dtype)).astype(x.dtype)  # Llama: cast first, then scale
 
 
@@ -162,6 +171,11 @@ class Decoder:
     unroll_layers: compile the layer scan fully unrolled. XLA then fuses across layer
       boundaries (on CPU a LoRA step of a 768-wide model ran ~15% faster), but trace and
       compile time grow with depth again; the default keeps them flat.
+    moe_dispatch: how a mixture-of-experts layer runs its experts (both dropless):
+      ``"ragged"`` (tokens sorted by expert, one ``jax.lax.ragged_dot`` per projection),
+      ``"dense"`` (every expert on every token, combined by the routing weights), or
+      ``"auto"``: dense on CPU, ragged on TPU/GPU (``jlora.models.moe``). Dense models
+      ignore it.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -178,6 +192,7 @@ class Decoder:
   remat: str = dataclasses.field(default="none", kw_only=True)
   attention: str = dataclasses.field(default="auto", kw_only=True)
   unroll_layers: bool = dataclasses.field(default=False, kw_only=True)
+  moe_dispatch: str = dataclasses.field(default="auto", kw_only=True)
 
   def __post_init__(self):
     if not isinstance(self.config, ModelConfig):
@@ -188,6 +203,8 @@ class Decoder:
       raise ValueError(f"Decoder.unroll_layers must be a bool, got {self.unroll_layers!r}.")
     if self.attention not in attn_lib.IMPLEMENTATIONS:
       raise ValueError(f"Decoder.attention must be one of {attn_lib.IMPLEMENTATIONS}, got {self.attention!r}.")
+    if self.moe_dispatch not in moe_lib.DISPATCHES:
+      raise ValueError(f"Decoder.moe_dispatch must be one of {moe_lib.DISPATCHES}, got {self.moe_dispatch!r}.")
 
   # -- parameters --------------------------------------------------------------------------
 
@@ -230,6 +247,11 @@ class Decoder:
   def layout(self) -> dict[str, KernelLayout]:
     """``{path: jlora.KernelLayout}`` of every linear kernel and the embedding (for ``jlora.init``).
 
+    Kernels stacked over layers have the layer axis as a batch axis; a MoE
+    model's routed-expert kernels ``(L, E, in, out)`` have the layer and the
+    expert axes as batch axes (one adapter per expert: A ``(L, E, in, r)``,
+    B ``(L, E, r, out)``). The router is a stacked linear kernel like the others.
+
     Example:
       >>> from jlora.models import Decoder, ModelConfig
       >>> cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
@@ -241,6 +263,8 @@ class Decoder:
     for p in param_table(self.config):
       if p.kind == "embedding":
         out[p.path] = KernelLayout(in_axes=(0,), embedding=True)
+      elif p.kind == "kernel" and len(p.shape) == 4:  # routed experts (L, E, in, out)
+        out[p.path] = KernelLayout(in_axes=(2,), batch_axes=(0, 1))
       elif p.kind == "kernel":
         out[p.path] = KernelLayout(in_axes=(1,), batch_axes=(0,)) if p.stacked else KernelLayout(in_axes=(0,))
     return out
@@ -249,8 +273,11 @@ class Decoder:
     """A ``--targets`` value -> regex over parameter paths (``jlora._targets.expand_targets``).
 
     ``"all-linear"``: every projection in the layers (not ``lm_head`` nor the
-    embedding, like PEFT); ``"q_proj,v_proj"``: those modules (``lm_head`` and
-    ``embed_tokens`` may be named too); anything else is returned as a regex.
+    embedding, like PEFT), the routed experts included but not a MoE model's
+    routers (``router``, ``shared_expert_gate``: PEFT's ``all-linear`` adapts them,
+    which changes which experts tokens reach); name them to adapt them.
+    ``"q_proj,v_proj"``: those modules (``lm_head`` and ``embed_tokens`` may be
+    named too); anything else is returned as a regex.
 
     Example:
       >>> from jlora.models import Decoder, ModelConfig
@@ -259,7 +286,10 @@ class Decoder:
       >>> Decoder(cfg).targets("q_proj,v_proj")
       '.*/(q_proj|v_proj)/kernel'
     """
-    return expand_targets(spec, self.layout, model=f"this {self.config.model_type} model")
+    layout = self.layout
+    if spec == "all-linear":
+      layout = {p: lay for p, lay in layout.items() if p.split("/")[-2] not in ROUTERS}
+    return expand_targets(spec, layout, model=f"this {self.config.model_type} model")
 
   @property
   def module_map(self):
@@ -295,10 +325,15 @@ class Decoder:
 
   def __call__(self, params: Params, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-               cache: Cache | None = None):
+               cache: Cache | None = None, return_router_logits: bool = False):
     """Logits ``(B, T, vocab)`` in the parameters' dtype; ``(logits, new_cache)`` with a cache.
 
     The same as ``self.head(params)(self.hidden_states(params, input_ids, ...))``, bit for bit.
+    With ``return_router_logits`` (MoE models), the router logits of every MoE
+    layer come last: ``(logits, router_logits)`` or ``(logits, new_cache,
+    router_logits)``, ``router_logits`` of shape ``(L_moe, B, T, E)`` in the
+    compute dtype (gpt-oss: with the router bias), for
+    ``jlora.models.load_balancing_loss``.
 
     Args:
       params: the parameter tree (``load`` / ``init``).
@@ -310,11 +345,16 @@ class Decoder:
         earlier tokens with the same id (not with a cache).
       cache: from ``init_cache`` or a previous call; the new tokens' keys and
         values are written after the ``cache["length"]`` tokens already there.
+      return_router_logits: also return the router logits (MoE models only).
     """
-    x, new_cache = self._trunk(params, input_ids, attention_mask=attention_mask, positions=positions,
-                               segment_ids=segment_ids, cache=cache)
+    x, new_cache, router_logits = self._trunk(params, input_ids, attention_mask=attention_mask,
+                                              positions=positions, segment_ids=segment_ids, cache=cache,
+                                              return_router_logits=return_router_logits)
     logits = self.head(params)(x)
-    return logits if cache is None else (logits, new_cache)
+    out = (logits,) if cache is None else (logits, new_cache)
+    if return_router_logits:
+      out += (router_logits,)
+    return out if len(out) > 1 else logits
 
   def hidden_states(self, params: Params, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -346,7 +386,7 @@ class Decoder:
       ((1, 3, 32), True)
     """
     return self._trunk(params, input_ids, attention_mask=attention_mask, positions=positions,
-                       segment_ids=segment_ids, cache=None)[0]
+                       segment_ids=segment_ids, cache=None, return_router_logits=False)[0]
 
   def head(self, params: Params) -> Head:
     """The output projection: ``lm_head`` (``(D, V)``) or the tied embedding table, and the soft-cap.
@@ -368,9 +408,12 @@ class Decoder:
       return Head(params["embed_tokens"]["embedding"], transposed=True, softcap=cfg.final_softcap)
     return Head(params["lm_head"]["kernel"], transposed=False, softcap=cfg.final_softcap)
 
-  def _trunk(self, params: Params, input_ids: jax.Array, *, attention_mask, positions, segment_ids, cache):
-    """Embedding, layers and final norm: ``(hidden (B, T, D), new_cache or None)``."""
+  def _trunk(self, params: Params, input_ids: jax.Array, *, attention_mask, positions, segment_ids, cache,
+             return_router_logits: bool):
+    """Embedding, layers and final norm: ``(hidden (B, T, D), new_cache or None, router_logits or None)``."""
     cfg = self.config
+    if return_router_logits and not cfg.is_moe:
+      raise ValueError(f"return_router_logits: this {cfg.model_type} model has no mixture-of-experts layers.")
     ids = jnp.asarray(input_ids)
     if ids.ndim != 2:
       raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}.")
@@ -413,21 +456,29 @@ class Decoder:
         return options[bool(sliding[0])]
       return jax.tree.map(lambda a, b_: jnp.where(flag, a, b_), options[True], options[False])
 
+    norm = functools.partial(rms_norm, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
+                             scale_in_float32=cfg.norm_scale_in_float32)
+    dispatch = moe_lib.resolve_dispatch(self.moe_dispatch)
+
     def layer(x, lp, flag, idx, ck, cv):
-      h = rms_norm(x, lp["input_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+      h = norm(x, lp["input_layernorm"]["scale"])
       h, ck, cv = self._attention(h, lp["self_attn"], pick(tables, flag), pick(masks, flag), idx, start, ck, cv)
       if cfg.sandwich_norms:
-        h = rms_norm(h, lp["post_attention_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+        h = norm(h, lp["post_attention_layernorm"]["scale"])
         x = x + h
-        h = rms_norm(x, lp["pre_feedforward_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+        h = norm(x, lp["pre_feedforward_layernorm"]["scale"])
       else:
         x = x + h
-        h = rms_norm(x, lp["post_attention_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+        h = norm(x, lp["post_attention_layernorm"]["scale"])
       m = lp["mlp"]
-      h = _linear(_ACT[cfg.activation](_linear(h, m["gate_proj"])) * _linear(h, m["up_proj"]), m["down_proj"])
+      router_logits = None
+      if "router" in m:  # a mixture-of-experts layer
+        h, router_logits = moe_lib.moe_mlp(h, m, cfg, dispatch=dispatch, act=_ACT[cfg.activation])
+      else:
+        h = _linear(_ACT[cfg.activation](_linear(h, m["gate_proj"])) * _linear(h, m["up_proj"]), m["down_proj"])
       if cfg.sandwich_norms:
-        h = rms_norm(h, lp["post_feedforward_layernorm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
-      return x + h, ck, cv
+        h = norm(h, lp["post_feedforward_layernorm"]["scale"])
+      return x + h, ck, cv, router_logits
 
     if self.remat == "full":
       layer = jax.checkpoint(layer, prevent_cse=False)
@@ -436,21 +487,34 @@ class Decoder:
 
     def body(carry, xs):
       x, ck, cv = carry
-      lp, flag, idx = xs
-      return layer(x, lp, flag, idx, ck, cv), None
+      routed = []
+      for lp, flag, idx in xs:  # one layer per position of the group's period (one, unless kinds alternate)
+        x, ck, cv, r = layer(x, lp, flag, idx, ck, cv)
+        if r is not None and return_router_logits:
+          routed.append(r)
+      return (x, ck, cv), tuple(routed)
 
     ck = cv = None
     if cache is not None:
       ck, cv = cache["k"], cache["v"]
-    xs = (params["layers"], jnp.asarray(sliding), jnp.arange(cfg.num_layers, dtype=jnp.int32))
-    (x, ck, cv), _ = lax.scan(body, (x, ck, cv), xs, unroll=cfg.num_layers if self.unroll_layers else 1)
-    x = rms_norm(x, params["norm"]["scale"], eps=cfg.norm_eps, plus_one=cfg.norm_plus_one)
+    # Layers of one kind scan in one group; a MoE model with dense layers runs groups of layers in turn
+    # (jlora.models.groups): each position of a group's period gets its layers' slices of the stacks.
+    stacked_over = {p.path: p.layer_indices(cfg.num_layers) for p in param_table(cfg) if p.stacked}
+    routers = []
+    for g in layer_groups(cfg.moe_layers):
+      xs = [(group_params(params["layers"], stacked_over, g.layers(j)), jnp.asarray(sliding[g.layers(j)]),
+             jnp.asarray(g.layers(j), dtype=jnp.int32)) for j in range(g.period)]
+      (x, ck, cv), routed = lax.scan(body, (x, ck, cv), xs, unroll=g.repeats if self.unroll_layers else 1)
+      if routed:  # (repeats, MoE layers per period, B, T, E) -> layer order
+        routers.append(jnp.stack(routed, axis=1).reshape(-1, *routed[0].shape[1:]))
+    x = norm(x, params["norm"]["scale"])
+    router_logits = jnp.concatenate(routers, axis=0) if return_router_logits else None
     if cache is None:
-      return x, None
+      return x, None, router_logits
     last = jnp.max(jnp.where(valid, positions + 1, 0), axis=1)
     new_cache = {"k": ck, "v": cv, "mask": k_valid, "positions": k_pos, "length": start + t,
                  "next_position": jnp.maximum(cache["next_position"], last.astype(jnp.int32))}
-    return x, new_cache
+    return x, new_cache, router_logits
 
   def _frequencies(self, *, local: bool) -> tuple[np.ndarray, float]:
     cfg = self.config
@@ -473,6 +537,6 @@ class Decoder:
       cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (idx, 0, start, 0, 0))
       k = lax.dynamic_index_in_dim(ck, idx, 0, keepdims=False).astype(q.dtype)
       v = lax.dynamic_index_in_dim(cv, idx, 0, keepdims=False).astype(q.dtype)
-    o = attn_lib.attend(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_softcap,
+    o = attn_lib.attend(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_softcap, sinks=a.get("sinks"),
                         implementation=self.attention)
     return _linear(o.reshape(b, t, cfg.num_heads * cfg.head_dim), a["o_proj"]), ck, cv

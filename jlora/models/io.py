@@ -7,6 +7,11 @@ onto a device mesh. A weight the model needs that the checkpoint lacks (other
 than a tied ``lm_head``), or a checkpoint tensor the model does not use, is an
 error that names them: a silently half-initialised base must never be trained.
 
+MoE checkpoints hold one tensor per expert (Mixtral, Qwen: ``...experts.{e}.w1.weight``)
+or one 3-D tensor per layer (gpt-oss: ``...experts.gate_up_proj``, or its MXFP4
+``_blocks`` / ``_scales``, decoded on load); both become stacked ``(L, E, in, out)``
+kernels.
+
 ``save`` writes the same layout back (``config.json`` + safetensors, sharded
 above ``max_shard_bytes``), which ``transformers.AutoModelForCausalLM`` loads.
 """
@@ -28,6 +33,7 @@ from jlora._tree import leaves_with_paths
 from jlora._weight import is_lora_weight
 from jlora.hf import to_torch_state_dict
 from jlora.models import _bnb as bnb
+from jlora.models import _mxfp4 as mxfp4
 from jlora.models.config import ModelConfig
 from jlora.models.decoder import Decoder, Params, _nest
 from jlora.models.names import Param, param_table
@@ -119,7 +125,7 @@ def _placement(params_shapes: Params, mesh, sharding):
 
 def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | None = None,
          sharding: str | Sequence[tuple[str, Any]] | None = None, remat: str = "none",
-         attention: str = "auto", unroll_layers: bool = False) -> tuple[Decoder, Params]:
+         attention: str = "auto", unroll_layers: bool = False, moe_dispatch: str = "auto") -> tuple[Decoder, Params]:
   """Loads a Hugging Face causal-LM directory as ``(Decoder, params)``.
 
   Args:
@@ -131,14 +137,15 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
     mesh: place every parameter directly onto this mesh (no full copy on one device).
     sharding: a ``jlora.sharding`` preset name (``"fsdp"`` default with a mesh,
       ``"tp"``, ``"fsdp_tp"``, ``"replicated"``) or ordered ``(regex, PartitionSpec)`` rules.
-    remat, attention, unroll_layers: passed to ``Decoder``.
+    remat, attention, unroll_layers, moe_dispatch: passed to ``Decoder``.
 
   Returns:
     ``(model, params)``.
 
   Raises:
     CheckpointError: weights missing from, or unexpected in, the checkpoint,
-      or of the wrong shape (the message names them).
+      or of the wrong shape (the message names them; a MoE checkpoint lacking
+      one expert's tensor names that tensor).
     ValueError: an unsupported ``model_type`` (names the supported ones).
 
   Example:
@@ -153,16 +160,18 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
   """
   cfg = read_config(directory)
   bnb.check_config(cfg.to_hf(), directory, CheckpointError)
-  model = Decoder(cfg, remat=remat, attention=attention, unroll_layers=unroll_layers)
+  model = Decoder(cfg, remat=remat, attention=attention, unroll_layers=unroll_layers, moe_dispatch=moe_dispatch)
   dtype = jnp.dtype(dtype)
   table = param_table(cfg)
   readers = _open_tensors(_weight_files(directory))
   needed = {name for p in table for name in p.hf_names(cfg.num_layers)}
-  missing = sorted(n for n in needed if n not in readers)
+  packed = mxfp4.entries(readers, needed) if cfg.model_type == "gpt_oss" else {}  # gpt-oss MXFP4 experts
+  packed_keys = {k for pair in packed.values() for k in pair}
+  missing = sorted(n for n in needed if n not in readers and n not in packed)
   tied_extra = "lm_head.weight" if cfg.tie_embeddings and "lm_head.weight" in readers else None
   quant_state = bnb.quant_entries(readers, needed)  # of bitsandbytes 4-bit weights (*-bnb-4bit checkpoints)
   unexpected = sorted(k for k in readers if k not in needed and k != tied_extra and k not in quant_state
-                      and not k.endswith(_IGNORED_SUFFIXES))
+                      and k not in packed_keys and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected:
     parts = []
     if missing:
@@ -175,6 +184,16 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
   placement = _placement(model.shapes(dtype), mesh, sharding)
 
   def read(name: str, expected: tuple[int, ...], transpose: bool) -> np.ndarray:
+    if name in packed:
+      blocks, scales = (readers[k]() for k in packed[name])
+      try:
+        arr = mxfp4.decode(blocks, scales)
+      except ValueError as e:
+        raise CheckpointError(f"{directory}: {name}: {e}") from None
+      if arr.shape != expected:
+        raise CheckpointError(f"{directory}: {name} (MXFP4 {packed[name][0]} {blocks.shape}) decodes to "
+                              f"{arr.shape}, expected {expected} for this config.")
+      return arr.astype(dtype, copy=False)
     arr = readers[name]()
     if transpose:
       arr = arr.T
@@ -185,15 +204,16 @@ def load(directory: str, *, dtype: Any = "float32", mesh: jax.sharding.Mesh | No
 
   flat = {}
   for p in table:
-    transpose = p.kind == "kernel"
+    transpose = p.kind == "kernel" and p.hf_transposed
     q = bnb.read_kernel(readers, p, cfg, dtype, CheckpointError, directory) if transpose and quant_state else None
     if q is not None:  # stored in 4 bits: an NF4Weight with the checkpoint's bytes, decoded to `dtype`
       flat[p.path] = bnb.place(q, placement.get(p.path))
       continue
-    if p.stacked:
+    if p.stacked:  # one HF tensor per layer (per layer and expert): stacked on the host
       host = np.empty(p.shape, dtype)
-      for i, name in enumerate(p.hf_names(cfg.num_layers)):
-        host[i] = read(name, p.shape[1:], transpose)
+      lead = p.shape[:p.slice_ndim]
+      for n, name in enumerate(p.hf_names(cfg.num_layers)):
+        host[np.unravel_index(n, lead)] = read(name, p.shape[p.slice_ndim:], transpose)
     else:
       host = np.ascontiguousarray(read(p.hf_name, p.shape, transpose))
     flat[p.path] = _place(host, placement.get(p.path))
@@ -250,9 +270,9 @@ def to_hf_tensors(model: Decoder, params: Params) -> dict[str, np.ndarray]:
     if arr.shape != p.shape:
       raise ValueError(f"{p.path!r} has shape {arr.shape}, expected {p.shape}")
     names = p.hf_names(model.config.num_layers)
-    slices = [arr[i] for i in range(len(names))] if p.stacked else [arr]
+    slices = list(arr.reshape(-1, *p.shape[p.slice_ndim:])) if p.stacked else [arr]
     for name, s in zip(names, slices):
-      out[name] = np.ascontiguousarray(s.T if p.kind == "kernel" else s)
+      out[name] = np.ascontiguousarray(s.T if p.kind == "kernel" and p.hf_transposed else s)
   return out
 
 
@@ -262,7 +282,11 @@ def save(directory: str, model: Decoder, params: Params, *, max_shard_bytes: int
 
   ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads it (bfloat16
   parameters are written as bfloat16); ``load(directory)`` gives back exactly
-  ``params``. Parameters must be plain arrays (``jlora.merge`` an adapted tree first)
+  ``params``. MoE experts are written in the checkpoint's own layout (one tensor
+  per expert, or gpt-oss' 3-D tensors); a gpt-oss read from MXFP4 is written
+  dense (its decoded kernels, in the parameters' dtype, without
+  ``quantization_config``), which transformers loads as a plain model.
+  Parameters must be plain arrays (``jlora.merge`` an adapted tree first)
   that this process can read in full, or 4-bit ``jlora.NF4Weight`` kernels: then
   the directory is a bitsandbytes ``*-bnb-4bit`` checkpoint (every linear kernel
   but ``lm_head`` 4-bit, one format; ``quantization_config`` in ``config.json``)
@@ -334,5 +358,6 @@ def save(directory: str, model: Decoder, params: Params, *, max_shard_bytes: int
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 
@@ -33,6 +34,8 @@ class Family:
 
   def __post_init__(self):
     self.forward = jax.jit(self.model.__call__)  # one compiled forward per family, shared by the tests
+    if self.model.config.is_moe:  # (logits, router logits (L_moe, B, T, E))
+      self.routed = jax.jit(functools.partial(self.model.__call__, return_router_logits=True))
 
   def torch_logits(self, ids=IDS, **kwargs) -> np.ndarray:
     with torch.no_grad():

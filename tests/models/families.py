@@ -28,22 +28,54 @@ FAMILIES = {
 }
 
 
-def torch_model(name: str, seed: int = 0):
+# Mixture-of-experts families (tests/models/test_moe.py): tiny, free of top-k ties on IDS (the test checks
+# the margins), each exercising its family's particulars.
+MOE_FAMILIES = {
+    # top-2 of 8, renormalised; sliding window on every layer.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=5), "sdpa"),
+    # Shared expert with its sigmoid gate; norm_topk_prob False; decoder_sparse_step 2: layers 0 and 2 have the
+    # dense MLP (intermediate_size), 1 and 3 the experts (one scanned group of period 2).
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                         decoder_sparse_step=2, norm_topk_prob=False), "sdpa"),
+    # top-4 of 16, norm_topk_prob, q/k norm, head_dim != hidden / heads; mlp_only_layers [0]: a dense first layer
+    # (two scanned groups).
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=24, head_dim=16,
+                                         norm_topk_prob=True, mlp_only_layers=[0]), "sdpa"),
+    # Router bias, fused interleaved gate_up with biases and the clamped SwiGLU (weights large enough to clamp),
+    # attention sinks, sliding/full layers, YaRN with truncate False (active at these positions). hidden and
+    # intermediate are multiples of 32 (MXFP4 blocks); hidden 64: two blocks per row.
+    "gpt_oss": ("GptOssConfig", dict(hidden_size=64, intermediate_size=32, head_dim=16, num_local_experts=8,
+                                     num_experts_per_tok=2, sliding_window=5, max_position_embeddings=256,
+                                     rope_scaling={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
+                                                   "beta_slow": 1.0, "truncate": False,
+                                                   "original_max_position_embeddings": 32}), "eager"),
+}
+# Seeds whose routers have clear top-k margins on IDS (test_moe checks them).
+MOE_SEEDS = {"mixtral": 1, "qwen2_moe": 0, "qwen3_moe": 3, "gpt_oss": 0}
+
+
+def torch_model(name: str, seed: int | None = None):
   """A transformers PyTorch model of family ``name`` with O(1) random weights, in eval mode."""
   import torch
   import transformers
 
-  cls_name, extra, impl = FAMILIES[name]
+  moe = name in MOE_FAMILIES
+  cls_name, extra, impl = (MOE_FAMILIES if moe else FAMILIES)[name]
   cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
-  torch.manual_seed(seed)
+  torch.manual_seed(MOE_SEEDS.get(name, 0) if seed is None else seed)
   model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
   gemma = name.startswith("gemma")
   with torch.no_grad():
     for pname, p in model.named_parameters():
-      if p.ndim >= 2:
+      if moe and pname.endswith(("experts.gate_up_proj", "experts.down_proj")):  # gpt-oss (E, in, out)
+        p.normal_(0.0, (3.0 if "gate_up" in pname else 1.5) / np.sqrt(p.shape[-2]))
+      elif p.ndim >= 2:
         p.normal_(0.0, 1.0 if "embed_tokens" in pname else 1.5 / np.sqrt(p.shape[-1]))
       elif "norm" in pname:
         p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn_like(p))
+      elif pname.endswith("sinks"):
+        p.normal_(0.0, 1.0)
       else:
         p.normal_(0.0, 0.2)
   return model.eval()

@@ -24,6 +24,12 @@ def files(tmp_path):
   (tmp_path / "bad.jsonl").write_text(GOOD_LINE + "\n{not json\n")
   (tmp_path / "learning_rate.toml").write_text("learning_rate = 1e-4\n")
   (tmp_path / "typed.toml").write_text('rank = "8"\n')
+  (tmp_path / "same.jsonl").write_text(json.dumps({"prompt": "Q:", "chosen": " a b", "rejected": " a b"}) + "\n")
+  (tmp_path / "no_rejected.jsonl").write_text(json.dumps({"prompt": "Q:", "chosen": " a"}) + "\n")
+  (tmp_path / "roles.jsonl").write_text(json.dumps({"messages": [
+      {"role": "user", "content": "hi"}, {"role": "wizard", "content": "?"}]}) + "\n")
+  (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "word " * 200, "chosen": " a", "rejected": " b"})
+                                       + "\n")
   phi3 = tmp_path / "phi3"  # a model family neither jlora.models nor a transformers Flax class runs
   shutil.copytree(DEFAULT_MODEL, phi3)
   config = json.loads((phi3 / "config.json").read_text())
@@ -47,6 +53,16 @@ FINETUNE_CASES = {
     "unknown flag": (["--learning-rate", "1e-4"], ["unknown option --learning-rate; did you mean --lr?"]),
     "no model directory": (["--model", "{d}/no-model"], ["--model", "no-model", "is not a directory"]),
     "unsupported model type": (["--model", "{d}/phi3"], ["--model", "phi3", "model_type 'phi3'", "llama"]),
+    "chosen equals rejected": (["--task", "dpo", "--data", "{d}/same.jsonl"], ["same.jsonl:1:", "chosen",
+                                                                                "rejected"]),
+    "a preference field missing": (["--task", "dpo", "--data", "{d}/no_rejected.jsonl"], ["no_rejected.jsonl:1:",
+                                                                                         "rejected"]),
+    "an unknown role": (["--data", "{d}/roles.jsonl"], ["roles.jsonl:1:", "'wizard'"]),
+    "a prompt that leaves no room for the answer": (["--task", "dpo", "--data", "{d}/long.jsonl", "--eval-data",
+                                                     "{d}/long.jsonl", "--max-seq-len", "32"],
+                                                    ["long.jsonl:1:", "prompt", "--max-seq-len"]),
+    "nothing left to train on": (["--data", "{d}/bad.jsonl", "--skip-bad-lines"], [
+        "1 example(s), and 1 of them are held out", "--eval-data"]),
     "longer than the model's positions": (["--max-seq-len", "4096"], [
         "--max-seq-len 4096 exceeds", "256 positions", "max_position_embeddings", "--max-seq-len 256 or less"]),
 }

@@ -44,6 +44,8 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
+import jlora.data
+
 from jlora.finetune.options import BatchOptions, DataOptions, EvalOptions, ObjectiveOptions
 
 Params = Any
@@ -145,3 +147,23 @@ class Task(abc.ABC):
   def fingerprint(self) -> str:
     """A digest of the training data as the loss sees it (tokens and masks); checked on resume."""
     return ""
+
+
+def holdout(examples: list, data_options: DataOptions, seed: int, *, at_least: int = 1,
+            contiguous: bool = False) -> tuple[list, list]:
+  """``(train, held_out)``: ``--eval-fraction`` of ``--data`` held out (at least ``at_least`` examples), at
+  random from ``seed``, or the last ones with ``contiguous`` (examples that must stay together).
+
+  Raises:
+    jlora.data.DataError: nothing would be left to train on.
+  """
+  n_eval = max(at_least, int(len(examples) * data_options.eval_fraction))
+  if len(examples) - n_eval < 1:
+    raise jlora.data.DataError(
+        f"--data {data_options.data_path}: {len(examples)} example(s), and {n_eval} of them are held out for "
+        f"evaluation (--eval-fraction {data_options.eval_fraction}), leaving none to train on; add data or give "
+        "--eval-data")
+  if contiguous:
+    return examples[:-n_eval], examples[-n_eval:]
+  order = np.random.default_rng(seed).permutation(len(examples))
+  return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]

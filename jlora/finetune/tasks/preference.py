@@ -27,7 +27,7 @@ import jlora.data
 from jlora import objectives
 from jlora.finetune.cli import UserError
 from jlora.finetune.options import BatchOptions, DataOptions, EvalOptions, ObjectiveOptions
-from jlora.finetune.tasks.base import Params, Task, TaskContext
+from jlora.finetune.tasks.base import Params, Task, TaskContext, holdout
 from jlora.finetune.tasks.sft import check_max_seq_len, exact_match
 
 
@@ -67,10 +67,7 @@ class _Pairs(Task):
     if o.eval_path:
       eval_examples, _ = jlora.data.read_preference(o.eval_path, option="--eval-data", skip_bad=o.skip_bad_lines)
     else:
-      order = np.random.default_rng(self.batch_options.seed).permutation(len(examples))
-      n_eval = max(1, int(len(examples) * o.eval_fraction))
-      eval_examples = [examples[i] for i in order[:n_eval]]
-      examples = [examples[i] for i in order[n_eval:]]
+      examples, eval_examples = holdout(examples, o, self.batch_options.seed)
     if skipped:
       say(f"data: skipped {len(skipped)} malformed records of {o.data_path} (the first: {skipped[0]})")
     self.train, report = self._tokenize(examples, ctx.tokenizer)
@@ -264,9 +261,8 @@ class KTO(Task):
     examples, skipped = jlora.data.read_unpaired(o.data_path, skip_bad=o.skip_bad_lines)
     if o.eval_path:
       eval_examples, _ = jlora.data.read_unpaired(o.eval_path, option="--eval-data", skip_bad=o.skip_bad_lines)
-    else:
-      n_eval = max(2, int(len(examples) * o.eval_fraction))  # a contiguous tail: unpaired pairs stay adjacent
-      eval_examples, examples = examples[-n_eval:], examples[:-n_eval]
+    else:  # a contiguous tail: the two halves of an unpaired pair stay together
+      examples, eval_examples = holdout(examples, o, self.batch_options.seed, at_least=2, contiguous=True)
     if skipped:
       say(f"data: skipped {len(skipped)} malformed records of {o.data_path} (the first: {skipped[0]})")
     tok, max_len = ctx.tokenizer, o.max_seq_len

@@ -14,7 +14,7 @@ import jlora
 import jlora.data
 from jlora import objectives
 from jlora.finetune.cli import UserError
-from jlora.finetune.tasks.base import Params, Task, TaskContext
+from jlora.finetune.tasks.base import Params, Task, TaskContext, holdout
 
 
 class SFT(Task):
@@ -59,10 +59,7 @@ class SFT(Task):
     if o.eval_path:
       eval_examples, _ = jlora.data.read_sft(o.eval_path, option="--eval-data", skip_bad=o.skip_bad_lines)
     else:
-      order = np.random.default_rng(self.batch_options.seed).permutation(len(examples))
-      n_eval = max(1, int(len(examples) * o.eval_fraction))
-      eval_examples = [examples[i] for i in order[:n_eval]]
-      examples = [examples[i] for i in order[n_eval:]]
+      examples, eval_examples = holdout(examples, o, self.batch_options.seed)
     if skipped:
       say(f"data: skipped {len(skipped)} malformed records of {o.data_path} (the first: {skipped[0]})")
     tok = ctx.tokenizer

@@ -47,7 +47,8 @@ COVERAGE = {
        for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3")},
     "benchmarks/moe_dispatch.py": ["tests/models/test_moe_benchmark.py"],
     **{f"examples/{name}.py": ["tests/test_examples.py"]
-       for name in ("make_dataset", "make_tiny_base", "convert_flax_checkpoint", "serve_many", "lorahub_words")},
+       for name in ("make_dataset", "make_tiny_base", "convert_flax_checkpoint", "serve_many", "lorahub_words",
+                    "preference_words")},
 }
 # What a test file must contain to count as running the program (a script: its path).
 RUNS = {"jlora-finetune": ('"-m", "jlora.finetune"', 'finetune("'),

@@ -35,11 +35,12 @@ def test_make_dataset_reproduces_the_bundled_data(tmp_path):
   res = subprocess.run([sys.executable, "examples/make_dataset.py", "--out", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stderr
-  for name, n in (("train", 3000), ("eval", 200)):
-    path = tmp_path / f"reverse_words.{name}.jsonl"
-    assert f"wrote {n} examples to {path}" in res.stdout
-    with open(os.path.join(BUNDLED_DATA, f"reverse_words.{name}.jsonl"), "rb") as f:
-      assert path.read_bytes() == f.read(), f"examples/make_dataset.py no longer writes the bundled {name} data"
+  for stem in ("reverse_words", "reverse_words_pref", "word_chats"):
+    for name, n in (("train", 3000 if stem == "reverse_words" else 1000), ("eval", 200)):
+      path = tmp_path / f"{stem}.{name}.jsonl"
+      assert f"wrote {n} examples to {path}" in res.stdout
+      with open(os.path.join(BUNDLED_DATA, f"{stem}.{name}.jsonl"), "rb") as f:
+        assert path.read_bytes() == f.read(), f"examples/make_dataset.py no longer writes the bundled {path.name}"
     first = json.loads(path.read_text().splitlines()[0])
     assert set(first) == {"prompt", "completion"} and first["prompt"].startswith("Reverse the words: ")
 
@@ -52,7 +53,8 @@ def group(tmp_path_factory):
            ["examples/make_tiny_base.py", "--smoke", "--out", str(t / "tiny-base")],
            ["examples/serve_many.py", "--smoke", "--out", str(t / "serve_many.json")],
            ["tests/example_inputs.py", "adapters", str(t / "hub"), *GIVEN],
-           ["examples/lorahub_words.py", "--smoke", "--out", str(t / "hub")]]
+           ["examples/lorahub_words.py", "--smoke", "--out", str(t / "hub")],
+           ["examples/preference_words.py", "--smoke", "--out", str(t / "pref")]]
   run = run_group(steps, env=smoke_env())
   print(f"examples smoke group: {run.summary()}")
   run.out = t
@@ -155,3 +157,16 @@ def test_lorahub_words_trains_with_the_fine_tuning_command_it_documents(tmp_path
     assert cmd[:3] == [sys.executable, "-m", "jlora.finetune"]
     cfg, _ = parse_args(cmd[3:])
     assert cfg.steps == 400 and cfg.eval_exact_match == -1
+
+
+def test_preference_words(group):
+  run = group.ok("examples/preference_words.py")
+  with open(group.out / "pref" / "results.json") as f:
+    result = json.load(f)
+  assert result["smoke"] is True and set(result["runs"]) == {"sft", "dpo-from-sft", "simpo-from-sft", "dpo-from-base"}
+  for name, r in result["runs"].items():
+    assert r["command"].startswith("python -m jlora.finetune ") and f"$ -m jlora.finetune" in run.stdout
+    if name != "sft":
+      assert 0 <= r["after"]["eval_rewards/accuracies"] <= 1 and 0 <= r["after"]["exact_match"] <= 1
+  assert result["runs"]["dpo-from-sft"]["before"]["eval_rewards/margins"] == 0.0  # the reference is the start
+  assert (group.out / "pref" / "preference_accuracy.png").stat().st_size > 1000

@@ -59,17 +59,19 @@ def line(values: dict[str, Any]) -> str:
 
 
 def baseline(run: Run, say: Callable[[str], None]) -> dict[str, float]:
-  """The task's metrics of the base before training (kept in ``baseline.json``, read back on resume)."""
+  """The task's metrics before training (kept in ``baseline.json``, read back on resume): of the base, or of
+  the ``--init-adapter`` a run starts from (fresh adapters have B = 0: the base's numbers)."""
   path = os.path.join(run.out, "baseline.json")
   if run.start > 0 and os.path.exists(path):
     with open(path) as f:
       before = json.load(f)
   else:
-    before = run.task.evaluate(jlora.combine(run.adapters, run.frozen))
-    host_base = distributed.gather(run.base_params)  # collective; generation runs on process 0 only
+    start = jlora.combine(run.adapters, run.frozen)
+    before = run.task.evaluate(start)
+    host = distributed.gather(start)  # collective; generation runs on process 0 only
     if run.main_process:
-      before.update(run.task.generation_eval(host_base)[0])
-    del host_base
+      before.update(run.task.generation_eval(jlora.merge(host))[0])
+    del host
     if run.main_process:
       with open(path, "w") as f:
         json.dump(before, f)

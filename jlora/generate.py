@@ -57,8 +57,7 @@ def generate_text(loaded, params, prompts: Sequence[str], *, max_new_tokens: int
 
   Example:
     >>> import jax, jlora
-    >>> from jlora.finetune import adapters as adapters_lib
-from jlora.finetune import model as model_lib
+    >>> from jlora.finetune import model as model_lib
     >>> from jlora.finetune.config import DEFAULT_MODEL
     >>> loaded = model_lib.load(DEFAULT_MODEL)
     >>> lp = jlora.init(jax.random.key(0), loaded.params, jlora.LoraConfig(
@@ -104,8 +103,7 @@ def serve(loaded, adapters: Sequence[Any], prompts: Sequence[str], **kw: Any) ->
 
   Example:
     >>> import jax, jlora
-    >>> from jlora.finetune import adapters as adapters_lib
-from jlora.finetune import model as model_lib
+    >>> from jlora.finetune import model as model_lib
     >>> from jlora.finetune.config import DEFAULT_MODEL
     >>> loaded = model_lib.load(DEFAULT_MODEL)
     >>> lp = jlora.init(jax.random.key(0), loaded.params, jlora.LoraConfig(

@@ -42,7 +42,9 @@ def test_make_dataset_reproduces_the_bundled_data(tmp_path):
       with open(os.path.join(BUNDLED_DATA, f"{stem}.{name}.jsonl"), "rb") as f:
         assert path.read_bytes() == f.read(), f"examples/make_dataset.py no longer writes the bundled {path.name}"
     first = json.loads(path.read_text().splitlines()[0])
-    assert set(first) == {"prompt", "completion"} and first["prompt"].startswith("Reverse the words: ")
+    fields = {"reverse_words": {"prompt", "completion"}, "reverse_words_pref": {"prompt", "chosen", "rejected"},
+              "word_chats": {"messages"}}[stem]
+    assert set(first) == fields, (path.name, sorted(first))
 
 
 @pytest.fixture(scope="module")

@@ -107,12 +107,13 @@ def _compiled(model: Decoder, lora: bool, max_new_tokens: int, temperature: floa
     else:
       last = jnp.take_along_axis(logits, (jnp.sum(mask, axis=1) - 1)[:, None, None], axis=1)[:, 0]
     keys = jax.random.split(key, max_new_tokens)
-    # stops: (S, L) token ids right-aligned, -1 before a shorter sequence; tail: each row's last L tokens.
+    # stops: (S, L) token ids right-aligned, -1 before a shorter sequence (rows ending in -3 match nothing);
+    # tail: each row's last L tokens (-2 before the first).
     tail = jnp.full((b, stops.shape[1]), -2, jnp.int32)
 
     def ends(tok, tail):
       tail = jnp.concatenate([tail[:, 1:], tok[:, None]], axis=1)
-      hit = jnp.all((stops[None] < 0) | (tail[:, None, :] == stops[None]), axis=-1)  # (B, S)
+      hit = jnp.all((stops[None] == -1) | (tail[:, None, :] == stops[None]), axis=-1)  # (B, S)
       return jnp.isin(tok, eos) | jnp.any(hit, axis=-1), tail
 
     tok = sample(last.astype(jnp.float32), keys[0])
@@ -146,12 +147,18 @@ def _eos_ids(model: Decoder, eos_id: int | Sequence[int] | None) -> tuple[int, .
 
 
 def _stop_array(stop_ids: Sequence[Sequence[int]]) -> np.ndarray:
-  """Stop sequences as an ``(S, L)`` int32 array, right-aligned, ``-1`` before the shorter ones."""
+  """Stop sequences as an ``(S, L)`` int32 array, right-aligned, ``-1`` before the shorter ones.
+
+  ``S`` is padded to a power of two and ``L`` to a multiple of 4 (fewer compilations) with rows
+  that match nothing (their last entry, ``-3``, is no token).
+  """
   seqs = [[int(t) for t in s] for s in stop_ids]
   if any(not s or min(s) < 0 for s in seqs):
     raise ValueError(f"generate: each stop sequence must be a non-empty list of token ids (>= 0), got {stop_ids!r}.")
-  width = max((len(s) for s in seqs), default=1)
-  out = np.full((len(seqs), width), -1, np.int32)
+  width = _round_up(max((len(s) for s in seqs), default=1), 4)
+  rows = 1 << max(len(seqs) - 1, 0).bit_length()
+  out = np.full((rows, width), -1, np.int32)
+  out[:, -1] = -3
   for i, s in enumerate(seqs):
     out[i, width - len(s):] = s
   return out

@@ -46,6 +46,8 @@ COVERAGE = {
     **{f"benchmarks/{name}.py": ["tests/test_benchmarks_smoke_more.py"]
        for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3")},
     "benchmarks/moe_dispatch.py": ["tests/models/test_moe_benchmark.py"],
+    **{f"benchmarks/{name}.py": ["tests/objectives/test_benchmarks.py"]
+       for name in ("chunked_logits", "dpo_step", "grpo_step")},
     **{f"examples/{name}.py": ["tests/test_examples.py"]
        for name in ("make_dataset", "make_tiny_base", "convert_flax_checkpoint", "serve_many", "lorahub_words",
                     "preference_words")},

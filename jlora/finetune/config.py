@@ -20,21 +20,34 @@ from jlora import _init_methods
 from jlora._config import _reject_unknown_kwargs
 from jlora.finetune.cli import ArgumentParser, OptionError, UserError, suggest
 from jlora.finetune.metrics import REPORT_TO
+from jlora.finetune.rewards import RewardSpecError, parse_reward
 from jlora.finetune.options import ASSETS, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_MODEL  # noqa: F401  (re-exported)
 
 PROG = "jlora-finetune"
-TASKS = ("sft", "dpo", "simpo", "orpo", "kto")  # the training objectives (jlora.finetune.tasks)
+TASKS = ("sft", "dpo", "simpo", "orpo", "kto", "grpo")  # the training objectives (jlora.finetune.tasks)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # jlora.objectives.GRPO_LOSS_TYPES
+# Options whose default depends on the task (unset in TrainConfig: None; ``resolved()`` fills them in).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "beta": {"grpo": 0.0, "*": 0.1},  # TRL's GRPOConfig.beta is 0; DPOConfig's, KTOConfig's, CPOConfig's 0.1
+    "loss_type": {"grpo": "dapo", "*": "sigmoid"},  # TRL's GRPOConfig.loss_type; DPOConfig's
+}
 
 
 class _Section:
-  """Makes the fields of one ``--help`` section: ``name: type = SECTION(default, "help")``."""
+  """Makes the fields of one ``--help`` section: ``name: type = SECTION(default, "help")``.
+
+  ``kind``: the values' type where the default does not show it: a default of None (the
+  task's default, ``TASK_DEFAULTS``; or, for ``epsilon_high``, another option's value) or a
+  tuple (a list option, repeatable on the command line).
+  """
 
   def __init__(self, title: str):
     self.title = title
 
-  def __call__(self, default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"section": self.title, "help": help})
+  def __call__(self, default: Any, help: str, kind: type | None = None, unset: str = "") -> Any:
+    return dataclasses.field(default=default, metadata={"section": self.title, "help": help,
+                                                        "type": kind or type(default), "unset": unset})
 
 
 _DATA = _Section("model and data")
@@ -45,6 +58,7 @@ _OUTPUT = _Section("output and evaluation")
 _MULTI = _Section("multi-host (see docs/scale_out.md)")
 _QLORA = _Section("QLoRA: a 4-bit base (see docs/quant.md)")
 _OBJECTIVE = _Section("preference tuning: --task dpo, simpo, orpo, kto (see docs/objectives.md)")
+_RL = _Section("reinforcement learning: --task grpo (see docs/objectives.md)")
 
 _SCHEDULES = ("cosine", "linear", "constant")
 _SHARDINGS = ("fsdp", "tp", "fsdp_tp", "replicated")
@@ -75,8 +89,9 @@ class TrainConfig:
   """
 
   task: str = _DATA("sft", "Training objective: sft (supervised: the answers' tokens are trained, the prompts' "
-                           "are not), dpo, simpo, orpo (preference pairs: prompt/chosen/rejected) or kto "
-                           "(prompt/completion/label).")
+                           "are not), dpo, simpo, orpo (preference pairs: prompt/chosen/rejected), kto "
+                           "(prompt/completion/label) or grpo (reinforcement learning on prompt or messages "
+                           "records, rewarded by --reward).")
   model: str = _DATA("", "Hugging Face causal-LM directory (config.json + safetensors): Llama, Mistral, "
                          "Qwen2/3 and Gemma 2/3 run on the native jlora.models decoder, other "
                          "architectures on transformers 4.x Flax classes; empty = the bundled tiny base.")
@@ -159,10 +174,12 @@ class TrainConfig:
   quant_blocksize: int = _QLORA(64, "With --quantize: weights per 4-bit scale block, a power of two in "
                                     "32..4096 (QLoRA: 64).")
 
-  beta: float = _OBJECTIVE(0.1, "The objective's beta: DPO's and KTO's inverse temperature, SimPO's reward "
-                                "scale, ORPO's weight of the odds-ratio term (TRL's defaults: 0.1; TRL's SimPO "
-                                "recipe: 2.5).")
-  loss_type: str = _OBJECTIVE("sigmoid", "DPO's loss: sigmoid, ipo, hinge or robust (TRL's loss types).")
+  beta: float | None = _OBJECTIVE(None, "The objective's beta: DPO's and KTO's inverse temperature, SimPO's reward "
+                                       "scale, ORPO's weight of the odds-ratio term (TRL's SimPO recipe: 2.5); "
+                                       "GRPO's weight of the KL to the base (0: no reference pass). Unset: TRL's "
+                                       "default for the task.", float)
+  loss_type: str | None = _OBJECTIVE(None, "The loss: DPO's sigmoid, ipo, hinge or robust; GRPO's grpo, bnpo, "
+                                           "dr_grpo or dapo (TRL's names). Unset: TRL's default for the task.", str)
   label_smoothing: float = _OBJECTIVE(0.0, "DPO robust: the assumed share of flipped preferences, in [0, 0.5).")
   simpo_gamma: float = _OBJECTIVE(0.5, "SimPO's target reward margin gamma (TRL's SimPO recipe: 1.375).")
   cpo_alpha: float = _OBJECTIVE(0.0, "SimPO: weight of an NLL term on the chosen answers (TRL's CPO default: "
@@ -179,6 +196,40 @@ class TrainConfig:
   logits_chunk: int = _OBJECTIVE(1024, "Positions per block of output-layer logits in the losses (the "
                                        "[batch, tokens, vocab] logits are never materialised on the native "
                                        "decoder).")
+
+  num_generations: int = _RL(8, "Completions sampled per prompt (a group), at least 2. --batch-size counts "
+                                "completions, as TRL's per_device_train_batch_size: each step generates "
+                                "batch_size * grad_accum of them, a multiple of num_generations.")
+  reward: tuple[str, ...] = _RL(("exact_match",), "Reward functions, summed with their weights: NAME[:WEIGHT], "
+                                                  "repeatable (a TOML list; or one string, split at commas). Built in: "
+                                                  "exact_match (the completion, stripped, equals the record's "
+                                                  "answer or completion field), contains (holds it), "
+                                                  "regex:PATTERN (1 if re.search finds it: a format reward), "
+                                                  "length:BUDGET (0 up to BUDGET tokens, then down to -1 at "
+                                                  "--max-completion-length); yours: module:function or "
+                                                  "file.py:function, called as TRL's, (prompts, completions, "
+                                                  "completion_ids, **the record's other fields) -> list[float].",
+                                tuple)
+  scale_rewards: str = _RL("group", "Advantages: the reward minus its group's mean, divided by the std of the "
+                                    "group (group), of the whole batch (batch), or not divided (none: Dr. GRPO).")
+  num_iterations: int = _RL(1, "Optimizer steps on each rollout batch (TRL's num_iterations, PPO's epochs "
+                               "mu); above 1 the rollout's log-probs are kept and the ratio is clipped.")
+  epsilon: float = _RL(0.2, "Clipping range of the importance ratio: [1 - epsilon, 1 + epsilon_high].")
+  epsilon_high: float | None = _RL(None, "Upper clipping range (DAPO's clip-higher, e.g. 0.28).", float,
+                                   unset="--epsilon's value")
+  importance_sampling_level: str = _RL("token", "Importance ratio per token, or per sequence (the mean of its "
+                                                "tokens' log-ratios: GSPO).")
+  dynamic_sampling: bool = _RL(False, "Drop the groups whose rewards are all equal (they carry no advantage) "
+                                      "from the loss, and log how many (dropped_groups).")
+  max_completion_length: int = _RL(16, "Longest completion, in tokens (TRL's max_completion_length, 512 by "
+                                       "default; the bundled task's answers need a few).")
+  temperature: float = _RL(1.0, "Sampling temperature of the rollouts; the loss divides the logits by it "
+                                "too, as TRL's.")
+  top_p: float = _RL(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass (1 = off).")
+  top_k: int = _RL(0, "Keep only the top_k most likely tokens when sampling (0 = off).")
+  stop: tuple[str, ...] = _RL((), "Stop strings: a completion ends with the token that completes one in its "
+                                  "text (kept in it, as Hugging Face keeps it); repeatable (a TOML list; or "
+                                  "one string, split at commas). The tokenizer's EOS always ends a completion.", tuple)
 
   output_dir: str = _OUTPUT("runs/default", "Directory for checkpoints, the adapter (jlora and PEFT format), "
                                             "metrics and the summary.")
@@ -210,9 +261,15 @@ class TrainConfig:
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
-      _check_type(f.name, getattr(self, f.name), type(f.default))
-      if type(f.default) is float:  # an int where a float is expected (lr = 1 in a TOML file)
-        object.__setattr__(self, f.name, float(getattr(self, f.name)))
+      want, value = f.metadata["type"], getattr(self, f.name)
+      if value is None and f.default is None:  # unset: the task's default (TASK_DEFAULTS)
+        continue
+      if want is tuple:  # a list option: a list, or one comma-separated string
+        object.__setattr__(self, f.name, _as_tuple(f.name, value))
+        continue
+      _check_type(f.name, value, want)
+      if want is float:  # an int where a float is expected (lr = 1 in a TOML file)
+        object.__setattr__(self, f.name, float(value))
 
     def positive(name, allow_zero=False):
       v = getattr(self, name)
@@ -239,10 +296,15 @@ class TrainConfig:
     if not _init_known(self.init):
       raise OptionError("init", f"must be one of {', '.join(_init_names())}; got {self.init!r}")
     for name, allowed in (("schedule", _SCHEDULES), ("sharding", _SHARDINGS), ("task", TASKS),
-                          ("train_on", ("all", "last")), ("loss_type", DPO_LOSS_TYPES),
-                          ("reference", ("base", "init"))):
+                          ("train_on", ("all", "last")), ("reference", ("base", "init")),
+                          ("scale_rewards", ("group", "batch", "none")),
+                          ("importance_sampling_level", ("token", "sequence"))):
       if getattr(self, name) not in allowed:
         raise OptionError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+    loss_types = {"dpo": DPO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}.get(self.task, DPO_LOSS_TYPES + GRPO_LOSS_TYPES)
+    if self.loss_type is not None and self.loss_type not in loss_types:
+      raise OptionError("loss_type", f"must be one of {', '.join(loss_types)} with --task {self.task}; got "
+                                     f"{self.loss_type!r}")
     if self.quantize not in _QUANTIZE:
       raise OptionError("quantize", f"must be one of {', '.join(_QUANTIZE)}; got {self.quantize!r}")
     if self.quantize != "none" and self.init.startswith("loftq"):
@@ -254,15 +316,19 @@ class TrainConfig:
       raise OptionError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction!r}")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise OptionError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
-    for name in ("beta", "logits_chunk", "kto_desirable_weight", "kto_undesirable_weight"):
+    for name in ("logits_chunk", "kto_desirable_weight", "kto_undesirable_weight"):
       positive(name)
+    if self.beta is not None:
+      positive("beta", allow_zero=self.task == "grpo")
     positive("simpo_gamma", allow_zero=True)
     positive("cpo_alpha", allow_zero=True)
     if not 0.0 <= self.label_smoothing < 0.5:
       raise OptionError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")
-    if self.label_smoothing and self.loss_type != "robust":
+    loss_type = self.task_default("loss_type")
+    if self.label_smoothing and loss_type != "robust":
       raise OptionError("label_smoothing", f"applies to --loss-type robust only (TRL's sigmoid has none); got "
-                                           f"--loss-type {self.loss_type}")
+                                           f"--loss-type {loss_type}")
+    self._check_rl()
     if self.init_adapter and (self.dora or self.init != "default" or self.adalora_target_rank):
       raise OptionError("init_adapter", "continues that adapter as it is (its variant, targets, ranks and alphas): "
                                         "drop --dora, --init and --adalora-target-rank")
@@ -287,6 +353,58 @@ class TrainConfig:
         re.compile(getattr(self, name))
       except re.error as e:
         raise OptionError(name, f"is not a valid regex ({e}): {getattr(self, name)!r}") from None
+
+  def _check_rl(self) -> None:
+    """The reinforcement-learning options (--task grpo reads them; they are checked for any task)."""
+    for name in ("num_generations", "num_iterations", "max_completion_length", "epsilon", "temperature"):
+      if getattr(self, name) <= 0:
+        raise OptionError(name, f"must be > 0, got {getattr(self, name)!r}")
+    if self.num_generations < 2:
+      raise OptionError("num_generations", f"must be >= 2 (a group's rewards are compared with each other), got "
+                                           f"{self.num_generations}")
+    if self.epsilon_high is not None and self.epsilon_high <= 0:
+      raise OptionError("epsilon_high", f"must be > 0 (or unset: --epsilon), got {self.epsilon_high!r}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise OptionError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+    if self.top_k < 0:
+      raise OptionError("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+    if any(not s for s in self.stop):
+      raise OptionError("stop", "must not hold an empty string")
+    if self.task == "grpo" and not self.reward:
+      raise OptionError("reward", "must name at least one reward function with --task grpo, e.g. exact_match")
+    for spec in self.reward:
+      try:
+        parse_reward(spec)
+      except RewardSpecError as e:
+        raise OptionError("reward", str(e)) from None
+    if self.task == "grpo" and (self.batch_size * self.grad_accum) % self.num_generations:
+      raise OptionError("num_generations", f"must divide the completions of a step, batch_size * grad_accum = "
+                                           f"{self.batch_size} * {self.grad_accum}; got {self.num_generations}")
+
+  def task_default(self, name: str) -> Any:
+    """Option ``name``'s value, or, unset, its default for this task (``TASK_DEFAULTS``).
+
+    Example:
+      >>> from jlora.finetune import TrainConfig
+      >>> TrainConfig(task="grpo").task_default("beta"), TrainConfig(task="dpo").task_default("beta")
+      (0.0, 0.1)
+    """
+    value = getattr(self, name)
+    if value is not None or name not in TASK_DEFAULTS:
+      return value
+    defaults = TASK_DEFAULTS[name]
+    return defaults.get(self.task, defaults["*"])
+
+  def resolved(self) -> TrainConfig:
+    """This config with every unset option set to its task's default (what a run reads and records).
+
+    Example:
+      >>> from jlora.finetune import TrainConfig
+      >>> cfg = TrainConfig(task="grpo").resolved()
+      >>> cfg.beta, cfg.loss_type
+      (0.0, 'dapo')
+    """
+    return dataclasses.replace(self, **{name: self.task_default(name) for name in TASK_DEFAULTS})
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -327,6 +445,8 @@ def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
     if name in RESUME_MAY_DIFFER:
       continue
     old, new = saved.get(name, f.default), current.get(name, f.default)
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):  # a list option (JSON keeps lists)
+      old, new = tuple(old), tuple(new)
     if old != new:
       out.append(f"{_flag(name)} {_shown(old)} (now {_shown(new)})")
   return out
@@ -337,7 +457,21 @@ def _shown(v: Any) -> str:
     return "true" if v else "false"
   if isinstance(v, str):
     return repr(v) if v else "'' (the default)"
+  if v is None:
+    return "unset (the task's default)"
+  if isinstance(v, (list, tuple)):
+    return repr(",".join(v)) if v else "'' (none)"
   return str(v)
+
+
+def _as_tuple(name: str, value: Any) -> tuple[str, ...]:
+  """A list option's value: a list or tuple of strings, or one string of comma-separated entries."""
+  if isinstance(value, str):
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+  if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+    return tuple(value)
+  raise OptionError(name, f"must be a list of strings (or one comma-separated string), got "
+                          f"{type(value).__name__} {value!r}")
 
 
 def _check_type(name: str, value: Any, want: type) -> None:
@@ -395,7 +529,21 @@ def _toml_value(v: Any) -> str:
     return "true" if v else "false"
   if isinstance(v, str):
     return json.dumps(v)
+  if isinstance(v, (list, tuple)):
+    return json.dumps(list(v))
   return repr(v)
+
+
+def _default_text(name: str) -> str:
+  """How --help and errors show a default (an unset one: each task's)."""
+  f = _fields()[name]
+  if f.default is not None:
+    return _toml_value(f.default)
+  if name in TASK_DEFAULTS:
+    d = TASK_DEFAULTS[name]
+    return "; ".join([f"{_toml_value(v)} for {t}" for t, v in d.items() if t != "*"] +
+                     [f"{_toml_value(d['*'])} otherwise"])
+  return f.metadata["unset"]
 
 
 def config_template(cfg: TrainConfig | None = None) -> str:
@@ -419,7 +567,11 @@ def config_template(cfg: TrainConfig | None = None) -> str:
       section = f.metadata["section"]
       lines += ["", f"# -- {section} --"]
     lines += textwrap.wrap(f.metadata["help"], 100, initial_indent="# ", subsequent_indent="# ")
-    lines.append(f"{name} = {_toml_value(getattr(cfg, name))}")
+    value = getattr(cfg, name)
+    if value is None:  # unset: TOML has no null, so the key stays out (default: {_default_text})
+      lines.append(f"# {name} =   (unset: {_default_text(name)})")
+    else:
+      lines.append(f"{name} = {_toml_value(value)}")
   return "\n".join(lines) + "\n"
 
 
@@ -484,10 +636,13 @@ def build_parser() -> argparse.ArgumentParser:
   for name, f in fields.items():
     section = f.metadata["section"]
     group = groups.get(section) or groups.setdefault(section, p.add_argument_group(section))
-    help_text = f"{f.metadata['help']} (default: {_toml_value(f.default)})"
-    typ = type(f.default)
+    help_text = f"{f.metadata['help']} (default: {_default_text(name)})"
+    typ = f.metadata["type"]
     if typ is bool:
       group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                         help=help_text)
+    elif typ is tuple:  # repeatable: each flag one entry (never split at commas)
+      group.add_argument(_flag(name), dest=name, action="append", default=None, metavar=name.upper(),
                          help=help_text)
     else:
       group.add_argument(_flag(name), dest=name, type=typ, default=None, metavar=name.upper(), help=help_text)
@@ -523,6 +678,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
   try:
     return TrainConfig(**values), ns
   except OptionError as e:
-    default = _toml_value(_fields()[e.option].default)
+    default = _default_text(e.option)
     raise UserError(f"{where.get(e.option, _flag(e.option))} {e.problem}. {_flag(e.option)}: "
                     f"{option_help(e.option)} Default: {default}.") from None

@@ -18,7 +18,12 @@ group                 options                                              read 
                       max_seq_len, pack, show_example
 ``ObjectiveOptions``  beta, loss_type, label_smoothing, simpo_gamma,       the task
                       cpo_alpha, kto_*_weight, reference,
-                      precompute_reference, logits_chunk
+                      precompute_reference, logits_chunk; GRPO's:
+                      num_generations, reward, scale_rewards,
+                      num_iterations, epsilon, epsilon_high,
+                      importance_sampling_level, dynamic_sampling,
+                      max_completion_length, temperature, top_p,
+                      top_k, stop
 ``BatchOptions``      batch_size, grad_accum, seed                         the task, setup
 ``EvalOptions``       eval_exact_match, max_new_tokens                     the task
 ``LoopOptions``       log_every, eval_every, save_every, keep_checkpoints, the loop
@@ -129,7 +134,7 @@ class DataOptions:
 
 @_frozen
 class ObjectiveOptions:
-  beta: float
+  beta: float  # (a run's config is resolved first: each task's default filled in)
   loss_type: str
   label_smoothing: float
   simpo_gamma: float
@@ -139,6 +144,20 @@ class ObjectiveOptions:
   reference: str
   precompute_reference: bool
   logits_chunk: int
+  # GRPO (--task grpo): rollouts, rewards, the clipped objective
+  num_generations: int
+  reward: tuple[str, ...]
+  scale_rewards: str
+  num_iterations: int
+  epsilon: float
+  epsilon_high: float | None  # None: epsilon
+  importance_sampling_level: str
+  dynamic_sampling: bool
+  max_completion_length: int
+  temperature: float
+  top_p: float
+  top_k: int
+  stop: tuple[str, ...]
 
 
 @_frozen

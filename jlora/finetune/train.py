@@ -44,6 +44,7 @@ def run(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False) -> di
       options that do not fit in memory, or a checkpoint of other options to resume
       (before any training; the message names the option to fix).
   """
+  cfg = cfg.resolved()  # each task's defaults filled in (what the stages read and checkpoints record)
   data, model = group(cfg, DataOptions), group(cfg, ModelOptions)
   task = TASKS[data.task](data, group(cfg, BatchOptions), group(cfg, EvalOptions), group(cfg, ObjectiveOptions))
   if data.show_example >= 0:  # the data as the loss sees it, and nothing else: no weights are read

@@ -6,13 +6,14 @@ register it in ``TASKS`` below and add its name to ``jlora.finetune.config.TASKS
 Example:
   >>> from jlora.finetune.tasks import TASKS
   >>> sorted(TASKS)
-  ['dpo', 'kto', 'orpo', 'sft', 'simpo']
+  ['dpo', 'grpo', 'kto', 'orpo', 'sft', 'simpo']
 """
 
 from jlora.finetune.tasks.base import Task, TaskContext
+from jlora.finetune.tasks.grpo import GRPO
 from jlora.finetune.tasks.preference import DPO, KTO, ORPO, SimPO
 from jlora.finetune.tasks.sft import SFT
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (SFT, DPO, SimPO, ORPO, KTO)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (SFT, DPO, SimPO, ORPO, KTO, GRPO)}
 
-__all__ = ["DPO", "KTO", "ORPO", "SFT", "SimPO", "TASKS", "Task", "TaskContext"]
+__all__ = ["DPO", "GRPO", "KTO", "ORPO", "SFT", "SimPO", "TASKS", "Task", "TaskContext"]

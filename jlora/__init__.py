@@ -18,6 +18,7 @@ from jlora._config import KernelLayout
 from jlora._config import LoraConfig
 from jlora._config import Rule
 from jlora._count import ParamCount
+from jlora._targets import TargetsNote
 from jlora._count import count
 from jlora._errors import LoraApplyError
 from jlora._init import init
@@ -63,6 +64,7 @@ __all__ = [
     "NF4Weight",
     "ParamCount",
     "Rule",
+    "TargetsNote",
     "Variant",
     "adalora",
     "adalora_finalize",

@@ -44,7 +44,7 @@ COVERAGE = {
        for name in ("train_step", "dora_step", "qlora", "compile_time", "forward", "collectives",
                     "reproducible_numerics")},
     **{f"benchmarks/{name}.py": ["tests/test_benchmarks_smoke_more.py"]
-       for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3")},
+       for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3", "expert_lora")},
     **{f"examples/{name}.py": ["tests/test_examples.py"]
        for name in ("make_dataset", "make_tiny_base", "convert_flax_checkpoint", "serve_many", "lorahub_words")},
 }

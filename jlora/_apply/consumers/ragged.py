@@ -138,8 +138,42 @@ def _back(d, order, f_labels):
   return transpose(d, [list(order).index(l) for l in f_labels])
 
 
-def _ragged(x, f, sizes, dn, precision):
+# Backends on which the custom-VJP lowering computes the rank-r grouped matmuls as masked dense
+# products (``_masked``) instead of ``ragged_dot``: XLA:CPU has no grouped-matmul kernel and lowers
+# ``ragged_dot`` itself to a masked dense product, but masks the *input* side, a temporary of
+# ``[E, rows, in]`` per product (32 MiB for 2048 rows of 256 features and 16 experts) where the
+# rank-r side needs ``[rows, E·r]`` (1 MiB): the same FLOPs, a fraction of the memory
+# (benchmarks/expert_lora.py). Elsewhere (TPU, GPU) ``ragged_dot`` is the grouped kernel.
+MASKED_BACKENDS: tuple[str, ...] = ("cpu",)
+
+
+def _standard(dn) -> bool:
+  """``lax.ragged_dot``'s own form: ``[m, k]`` rows, ``[E, k, n]`` kernel, no batch dimensions."""
+  return (dn.dot_dimension_numbers == (((1,), (1,)), ((), ())) and tuple(dn.lhs_ragged_dimensions) == (0,)
+          and tuple(dn.rhs_group_dimensions) == (0,))
+
+
+def _ragged(x, f, sizes, dn, precision, masked: bool = False):
+  """The grouped matmul ``x·f[group of each row]``: ``ragged_dot``, or its masked dense form (``_masked``)."""
+  if masked and x.ndim == 2 and f.ndim == 3 and _standard(dn):
+    return _masked(x, f, sizes, precision)
   return lax.ragged_dot_general(x, f, sizes, dn, precision=precision)
+
+
+def _masked(x, f, sizes, precision):
+  """``ragged_dot(x [m, k], f [E, k, n], sizes)`` as one dense matmul with every expert's ``f``, the rows
+  masked to their own expert on the narrower side (``k`` or ``n``: the rank ``r`` in a low-rank term).
+  Rows past the last group give zero, as in ``ragged_dot``; its transposes (``jax.linear_transpose``)
+  are masked matmuls too."""
+  m, k = x.shape
+  experts, _, n = f.shape
+  onehot = (row_groups(sizes, m)[:, None] == jnp.arange(experts, dtype=sizes.dtype)[None]).astype(x.dtype)
+  if n <= k:  # mask the output: [m, E·n]
+    y = lax.dot_general(x, transpose(f, (1, 0, 2)).reshape(k, experts * n), (((1,), (0,)), ((), ())),
+                        precision=precision)
+    return jnp.sum(y.reshape(m, experts, n) * onehot[:, :, None], axis=1)
+  xm = (x[:, None, :] * onehot[:, :, None]).reshape(m, experts * k)  # mask the input: [m, E·k]
+  return lax.dot_general(xm, f.reshape(experts * k, n), (((1,), (0,)), ((), ())), precision=precision)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -148,6 +182,7 @@ class _Static:
 
   plan: RaggedPlan
   term: _Term  # scale, dropout rate, factor dtype, rebuild, output dtype
+  masked: bool  # the grouped matmuls as masked dense products (``MASKED_BACKENDS``)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -158,8 +193,8 @@ def _grouped(st: _Static, x, roots, a, b, sizes, key_data):
 def _grouped_fwd(st: _Static, x, roots, a, b, sizes, key_data):
   p, tm = st.plan, st.term
   keep = None if key_data is None else _keep_mask(tm, key_data, x.shape)
-  t = scaled(_ragged(_prep(tm, x, keep), a, sizes, p.dn1, p.precision), tm.scale)
-  y = cast(_ragged(t, b, sizes, p.dn2, p.precision), tm.out_dtype)
+  t = scaled(_ragged(_prep(tm, x, keep), a, sizes, p.dn1, p.precision, st.masked), tm.scale)
+  y = cast(_ragged(t, b, sizes, p.dn2, p.precision, st.masked), tm.out_dtype)
   saved = roots if tm.rebuild is not None else x
   return y, (saved, a, b, t, sizes, key_data, jnp.zeros((0,), x.dtype))
 
@@ -170,14 +205,15 @@ def _grouped_bwd(st: _Static, res, dy):
   dy = cast(dy, b.dtype)
   # JAX's own transposes of the two grouped matmuls: ragged_dot (mode 1) for the inputs, the
   # ragged-contraction mode (one block per group) for the factors. No per-expert B·A.
-  dt = jax.linear_transpose(lambda t_: _ragged(t_, b, sizes, p.dn2, p.precision), t)(dy)[0]
-  db = jax.linear_transpose(lambda b_: _ragged(t, b_, sizes, p.dn2, p.precision), b)(dy)[0]
+  mk = st.masked
+  dt = jax.linear_transpose(lambda t_: _ragged(t_, b, sizes, p.dn2, p.precision, mk), t)(dy)[0]
+  db = jax.linear_transpose(lambda b_: _ragged(t, b_, sizes, p.dn2, p.precision, mk), b)(dy)[0]
   dt = scaled(dt, tm.scale)
   x, key_data, dt, dep = _late_input(tm.rebuild, saved, key_data, dt)
   keep = None if key_data is None else _keep_mask(tm, key_data, x.shape, dep)
   xin = _prep(tm, x, keep)
-  da = jax.linear_transpose(lambda a_: _ragged(xin, a_, sizes, p.dn1, p.precision), a)(dt)[0]
-  dx = jax.linear_transpose(lambda x_: _ragged(x_, a, sizes, p.dn1, p.precision), xin)(dt)[0]
+  da = jax.linear_transpose(lambda a_: _ragged(xin, a_, sizes, p.dn1, p.precision, mk), a)(dt)[0]
+  dx = jax.linear_transpose(lambda x_: _ragged(x_, a, sizes, p.dn1, p.precision, mk), xin)(dt)[0]
   if keep is not None:
     dx = jnp.where(keep, dx / (1.0 - tm.rate), jnp.zeros_like(dx))
   return cast(dx, x_dtype.dtype), None, da, db, None, None
@@ -207,7 +243,8 @@ def ragged_term(ctx: ConsumerContext, v: LowRank, x, group_sizes, plan: RaggedPl
   term = _Term(labels=(), scale=scale, precision=plan.precision, fused=False, rate=float(spec.dropout),
                dtype=a.dtype, rebuild=None if rec is None else rec.rebuild, out_dtype=plan.out_dtype)
   roots = () if rec is None else tuple(rec.roots)
-  return _grouped(_Static(plan, term), x, roots, a, b, group_sizes, key_data)
+  masked = jax.default_backend() in MASKED_BACKENDS
+  return _grouped(_Static(plan, term, masked), x, roots, a, b, group_sizes, key_data)
 
 
 def grouped_two_step(xin, v: LowRank, group_sizes, plan: RaggedPlan, *, scale, factors=None):

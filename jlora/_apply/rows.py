@@ -4,15 +4,29 @@ A bank of adapters selects each example's slot from ``adapter_ids``, which have 
 leading shape of the model's inputs (``(B,)`` or ``(B, T)``). A dense layer's input
 keeps that shape, but a mixture of experts sorts its token rows by expert before the
 grouped matmul (``ragged_dot``): the rows of ``x_sorted`` are a permutation (with
-``top_k`` repeats) of the batch's tokens. ``trace_rows`` walks back, statically, from
-such an input to values whose leading axes are the batch's (the *roots*), through
-operations that move rows without mixing them: gathers, reshapes, transposes,
-slices, broadcasts, casts, elementwise arithmetic, the rows of a matmul's or grouped
-matmul's input, and calls made of those. ``RowTrace(ids)`` then replays that chain
-on the ids (broadcast over each root) and returns the id of every element of the
-input: the same gathers with the model's own indices, so each sorted row gets the
-id of the token it came from. Anything that mixes rows (a reduction over tokens, a
-scatter) ends the walk, and the caller reports that the rows cannot be followed.
+``top_k`` repeats) of the batch's tokens. ``trace_rows(scope, var, ids)`` walks back,
+statically, from such an input to values whose leading axes are the batch's (the
+*roots*), through operations that move rows without mixing them: gathers, reshapes,
+transposes, slices, broadcasts, casts, elementwise arithmetic, the rows of a matmul's
+or grouped matmul's input, and calls made of those (``jit``, custom derivatives). It
+replays that chain on the ids (broadcast over each root), so it returns the id of
+every element of the input: the same gathers with the model's own indices (read from
+the forward pass's values), so each sorted row gets the id of the token it came from.
+Anything that mixes rows (a reduction over tokens, a scatter) ends the walk, and the
+caller reports that the rows cannot be followed. A ``Scope`` is one jaxpr of the walk:
+the interpreter's frame (``evaluator._Frame.scope``), whose inputs map to the operands
+of the ``jit`` it was inlined from.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jlora._apply.rows import Scope, trace_rows
+  >>> def f(x, order):
+  ...   return x.reshape(6, 2)[order]  # (B=2, T=3, d) -> rows in another order
+  >>> x, order = jnp.zeros((2, 3, 2)), jnp.array([5, 0, 3])
+  >>> closed = jax.make_jaxpr(f)(x, order)
+  >>> rows = trace_rows(Scope.of(closed, x, order), closed.jaxpr.outvars[0], jnp.array([7, 8]))
+  >>> rows[:, 0].tolist()
+  [8, 7, 8]
 """
 
 from __future__ import annotations
@@ -66,6 +80,11 @@ class Scope:
     self.parent = parent  # (caller scope, the caller's operands aligned with constvars + invars)
     self.producer = {v: e for e in jaxpr.eqns for v in e.outvars}
     self.inputs = [*jaxpr.constvars, *jaxpr.invars]
+
+  @classmethod
+  def of(cls, closed, *args) -> "Scope":
+    """A closed jaxpr called with ``args``, its other values computed on demand."""
+    return cls(closed.jaxpr, _evaluator(closed.jaxpr, closed.consts, [lambda a=a: a for a in args]))
 
 
 def _id_shape(ids_shape: tuple, shape: tuple) -> str | None:

@@ -18,7 +18,10 @@ saves ``t`` and the roots the layer input is rebuilt from (``jlora._apply.recomp
 ``x_sorted`` is a gather of the normalised hidden states, ``top_k`` times smaller,
 and the down projection's input is ``silu(g)·u`` of outputs the floor keeps), and
 redraws a dropout mask from its key; the transposes are JAX's own
-(``jax.linear_transpose`` of each grouped matmul).
+(``jax.linear_transpose`` of each grouped matmul). On CPU (``MASKED_BACKENDS``) that
+lowering writes each rank-``r`` grouped matmul as a dense product masked on the rank
+side (``_masked``): XLA:CPU lowers ``ragged_dot`` itself to a masked dense product,
+with a temporary of the layer's full input width per product.
 
 ``ragged_plan`` labels the operands (``RaggedPlan``): JAX's "mode 1" (the ragged
 dimension of the input is not contracted; the kernel has the group dimension),

@@ -45,17 +45,23 @@ def _setup(cfg, *, dtype=jnp.float32, shared=False, key=0):
 
 
 @pytest.mark.parametrize("dispatch,lowering", [("sorted", None), ("sorted", "ragged"), ("sorted", False),
-                                               ("dense", None), ("dense", False)],
-                         ids=["sorted-custom_vjp", "sorted-custom_vjp_ragged_dot", "sorted-autodiff",
-                              "dense-custom_vjp", "dense-autodiff"])
+                                               ("dense", None)],
+                         ids=["sorted-custom_vjp", "sorted-custom_vjp_ragged_dot", "sorted-autodiff", "dense-custom_vjp"])
 def test_values_and_expert_gradients_match_dense_float64_oracle(dispatch, lowering, monkeypatch):
+  """rsLoRA and per-rule ranks and alphas on the experts, plain LoRA on q_proj."""
   if lowering == "ragged":  # the custom VJP as on TPU/GPU: ragged_dot, not the CPU's masked products
     monkeypatch.setattr(ragged, "MASKED_BACKENDS", ())
     lowering = None
   with jax.enable_x64(True):
-    cfg = jlora.LoraConfig(rank=3, alpha=6, targets=[EXPERTS, r"layers/self_attn/q_proj/kernel"],
-                           adapter_dtype="float64")
+    cfg = jlora.LoraConfig(rank=3, alpha=5, rslora=True, adapter_dtype="float64", targets=[
+        jlora.Rule(pattern=r"layers/mlp/experts/gate_proj/kernel", rank=2, alpha=3),
+        jlora.Rule(pattern=r"layers/mlp/experts/down_proj/kernel", rank=5, alpha=8),
+        r"layers/mlp/experts/up_proj/kernel", r"layers/self_attn/q_proj/kernel"])
     p, x, lp = _setup(cfg, dtype=jnp.float64)
+    experts = lp["layers"]["mlp"]["experts"]
+    assert [experts[n]["kernel"].spec.rank for n in ("gate_proj", "up_proj", "down_proj")] == [2, 3, 5]
+    assert experts["gate_proj"]["kernel"].a.shape == (2, 4, 16, 2)
+    assert experts["gate_proj"]["kernel"].spec.scale == pytest.approx(3 / np.sqrt(2))
     f = lambda params, x: decoder(params, x, dispatch=dispatch)
     wrapped = jax.jit(jlora.wrap(f, fused_expansion=lowering))
     want = oracle_decoder(oracle_params(lp), x)  # NumPy, per-expert loop
@@ -118,19 +124,11 @@ def test_custom_vjp_rebuilds_the_sorted_input_instead_of_saving_it():
   assert residual_bytes(None) < residual_bytes(False)
 
 
-def test_dropout_rslora_and_per_rule_rank_and_alpha():
-  cfg = jlora.LoraConfig(rank=3, alpha=5, rslora=True, dropout=0.25, targets=[
-      jlora.Rule(pattern=r"layers/mlp/experts/gate_proj/kernel", rank=2, alpha=3),
-      jlora.Rule(pattern=r"layers/mlp/experts/down_proj/kernel", rank=5, alpha=8),
-      r"layers/mlp/experts/up_proj/kernel"])
+def test_dropout_masks_are_redrawn_in_the_backward_pass():
+  """With a dropout key both lowerings draw the same masks: the custom VJP (which saves none and
+  redraws them) gives plain autodiff's values and gradients; without a key there is no dropout."""
+  cfg = jlora.LoraConfig(rank=3, alpha=5, dropout=0.25, targets=EXPERTS)
   p, x, lp = _setup(cfg)
-  experts = lp["layers"]["mlp"]["experts"]
-  assert [experts[n]["kernel"].spec.rank for n in ("gate_proj", "up_proj", "down_proj")] == [2, 3, 5]
-  assert experts["gate_proj"]["kernel"].a.shape == (2, 4, 16, 2)
-  assert experts["gate_proj"]["kernel"].spec.scale == pytest.approx(3 / np.sqrt(2))
-  # Without a dropout key (inference): the dense oracle.
-  assert_close(jax.jit(jlora.wrap(decoder))(lp, x), oracle_decoder(oracle_params(lp), x), rtol=2e-5, atol=2e-5)
-  # With one: both lowerings draw the same masks (the custom VJP redraws them in the backward pass).
   key = jax.random.key(7)
   adapters, frozen = jlora.split(lp)
   outs, grads = [], []
@@ -145,7 +143,7 @@ def test_dropout_rslora_and_per_rule_rank_and_alpha():
     outs.append(y)
     grads.append(g)
   assert_close(outs[0], outs[1], rtol=2e-5, atol=2e-5)
-  assert not np.allclose(np.asarray(outs[0]), np.asarray(jlora.wrap(decoder)(lp, x)), atol=1e-3)
+  assert not np.allclose(np.asarray(outs[0]), oracle_decoder(oracle_params(lp), x), atol=1e-3)
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -161,9 +159,6 @@ def test_nf4_expert_kernels_decode_inside_the_consumer():
                        is_leaf=lambda w: isinstance(w, jlora.LoraWeight))
   want = oracle_decoder(oracle_params(dense), x)
   assert_close(jax.jit(jlora.wrap(decoder))(lp, x), want, rtol=2e-4, atol=2e-4)
-  # A frozen 4-bit expert (no adapter) serves its base through the same decode.
-  assert_close(jax.jit(jlora.wrap(decoder))(q, x), oracle_decoder(jax.tree.map(np.asarray, deq), x),
-               rtol=2e-4, atol=2e-4)
   # The backward pass keeps the 4-bit codes, never a float kernel of an expert's shape.
   adapters, frozen = jlora.split(lp)
   _, vjp = jax.vjp(lambda a: jlora.wrap(decoder)(jlora.combine(a, frozen), x), adapters)

@@ -184,3 +184,6 @@ def test_square_expert_parameters_need_the_layout_named(tmp_path):
   with pytest.raises(jlora.peft.PeftFormatError, match=r"cannot tell where lora_A sits.*fused_layout='peft_swapped'"):
     load()
   _same_factors(load(fused_layout="input_side"), lp)
+  dora = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets=".*/kernel", dora=True), layout=lay)
+  with pytest.raises(jlora.peft.PeftFormatError, match=r"DoRA adapter on experts stored as one 3-D parameter"):
+    jlora.peft.save(str(tmp_path / "dora"), dora, module_map=mm, fused_layout="input_side")

@@ -213,3 +213,18 @@ def test_an_expert_axis_that_is_not_stacked_is_an_error():
   with pytest.raises(jlora.LoraApplyError, match=r"experts/gate_proj/kernel.*ragged_dot.*stacked axis of its adapter"
                      r".*batch_axes=\(0, 1\)"):
     jlora.wrap(decoder)(lp, x)
+
+
+def test_ragged_dot_uses_without_a_low_rank_form_are_errors():
+  lp = jlora.init(jax.random.key(0), {"w": jnp.ones((6, 5))}, jlora.LoraConfig(rank=2, targets="w"))
+  sizes = jnp.array([2, 0, 3, 1], jnp.int32)
+  # the ragged-contraction mode (the form of a weight gradient): one output per group
+  dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (0,)), ((), ())), lhs_ragged_dimensions=(1,),
+                                         rhs_group_dimensions=())
+  contract = lambda p, x: jax.lax.ragged_dot_general(x, p["w"], sizes, dn)
+  with pytest.raises(jlora.LoraApplyError, match=r"'w' reaches `ragged_dot_general`.*contracts or batches over its "
+                                                 r"ragged dimension"):
+    jax.eval_shape(jlora.wrap(contract), lp, jnp.ones((3, 6)))
+  as_rows = lambda p, x: jax.lax.ragged_dot(p["w"], x, sizes)
+  with pytest.raises(jlora.LoraApplyError, match=r"LoRA kernel as the grouped input of a ragged_dot"):
+    jax.eval_shape(jlora.wrap(as_rows), lp, jnp.ones((4, 5, 2)))

@@ -34,3 +34,12 @@ def test_sharding(tmp_path):
 @pytest.mark.slow  # the QLoRA step on a mesh is checked above
 def test_finetune_qlora_on_mesh(tmp_path):
   run_checks(["finetune_qlora_on_mesh"], tmp_path)
+
+
+def test_mesh_axes_are_named():
+  import jlora.sharding as jsh
+
+  with pytest.raises(ValueError, match=r"mesh 'experts=2': write it as data=N,fsdp=N,expert=N,tensor=N"):
+    jsh.make_mesh("experts=2")
+  with pytest.raises(ValueError, match=r"unknown axes \['pipeline'\]; the axes are data, fsdp, expert, tensor"):
+    jsh.make_mesh({"pipeline": 1})

@@ -18,6 +18,7 @@ from jlora._config import KernelLayout
 from jlora._config import LoraConfig
 from jlora._config import Rule
 from jlora._count import ParamCount
+from jlora._targets import TargetsNote
 from jlora._count import count
 from jlora._grad import grad
 from jlora._grad import value_and_grad
@@ -65,6 +66,7 @@ __all__ = [
     "NF4Weight",
     "ParamCount",
     "Rule",
+    "TargetsNote",
     "Variant",
     "adalora",
     "adalora_finalize",

@@ -113,6 +113,11 @@ class Variant:
     """The output of a lookup: plain LoRA adds the looked-up rows of ``A`` projected by ``B``."""
     return _plain_rule("gather")(ctx, v, indices, base_out, params)
 
+  def ragged_dot(self, ctx: ConsumerContext, v: Any, x: Any, group_sizes: Any, base_out: Any, plan: Any) -> Any:
+    """The output of ``ragged_dot`` (routed experts): plain LoRA adds ``scale·ragged(ragged(x, A), B)``
+    with the same group sizes; ``plan`` is a ``jlora._apply.consumers.ragged.RaggedPlan``."""
+    return _plain_rule("ragged_dot")(ctx, v, x, group_sizes, base_out, plan)
+
   def scale_kernel(self, v: Any, c: Any, base: Any) -> Any:
     """The value of ``c·kernel`` (a scalar multiple): scales ``a``."""
     return v.scale_factor("a", c, base)
@@ -152,15 +157,16 @@ def lowrank_delta(weight: LoraWeight, *, dtype: Any = jnp.float32) -> jax.Array:
 
 
 # -- plain LoRA's consumer rules: a hook the apply path fills --------------------------------------
-# ``Variant.dot``/``conv``/``gather`` above are plain LoRA's rules, which are apply-path code
+# ``Variant.dot``/``conv``/``gather``/``ragged_dot`` above are plain LoRA's rules, which are apply-path code
 # (``jlora._apply.consumers.plain``), a layer above this one. The apply path registers them here
 # when it is imported (``import jlora`` imports it), and only the apply path calls these methods.
 _PLAIN_RULES: dict[str, Callable[..., Any]] = {}
 
 
-def register_plain_rules(*, dot: Callable[..., Any], conv: Callable[..., Any], gather: Callable[..., Any]) -> None:
-  """Installs plain LoRA's consumer rules, the defaults of ``Variant.dot``/``conv``/``gather``."""
-  _PLAIN_RULES.update(dot=dot, conv=conv, gather=gather)
+def register_plain_rules(*, dot: Callable[..., Any], conv: Callable[..., Any], gather: Callable[..., Any],
+                         ragged_dot: Callable[..., Any]) -> None:
+  """Installs plain LoRA's consumer rules, the defaults of ``Variant.dot``/``conv``/``gather``/``ragged_dot``."""
+  _PLAIN_RULES.update(dot=dot, conv=conv, gather=gather, ragged_dot=ragged_dot)
 
 
 def _plain_rule(kind: str) -> Callable[..., Any]:

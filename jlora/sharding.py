@@ -15,6 +15,12 @@ So ``x·A`` needs the same collectives as ``x·W0`` and ``(x·A)·B`` produces a
 output sharded like ``x·W0``'s. ``"replicate"`` keeps adapters whole on every
 device (stacked axes keep their spec).
 
+Routed experts (``layers/mlp/experts/*/kernel``, ``[layers, experts, in, out]``) split
+their expert axis over the mesh axis ``expert`` (expert parallelism) in every preset,
+on top of the preset's fsdp/tensor split of ``in``/``out``; their adapters
+(``A [layers, experts, in, r]``, ``B [layers, experts, r, out]``) take the same expert
+and in/out specs by the rule above, so each device holds its experts' adapters.
+
 Kernels stored in another form (``jlora.NF4Weight``) are sharded like the dense
 kernel they stand for: a rule matches the node's path and the kernel's spec is
 mapped onto the stored arrays by the node's ``__jlora_specs__`` (stacked axes
@@ -48,6 +54,7 @@ from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
 Policy = Literal["derive", "replicate"]
 Rules = Sequence[tuple[str, P]]
 DATA_AXES = ("data", "fsdp")  # the batch is split over these mesh axes
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 # -- adapters ---------------------------------------------------------------------------------
@@ -151,6 +158,7 @@ def named(specs: Any, mesh: Mesh) -> Any:
 # transformers' Flax LLMs. Flax nn.Dense kernels are (in, out); GPT-2's Conv1D kernels (out, in).
 _COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query_key_value|fc1|c_fc_in)"
 _ROW = r"(o_proj|down_proj|dense|fc2|out_proj)"
+_EXPERT_COLUMN = r"(gate_proj|up_proj|gate_up_proj)"
 
 
 def preset_rules(name: str, mesh: Mesh | None = None) -> list[tuple[str, P]]:
@@ -161,19 +169,40 @@ def preset_rules(name: str, mesh: Mesh | None = None) -> list[tuple[str, P]]:
   that the scan over layers never gathers the layer axis), ``"tp"`` (Megatron
   column/row parallel over ``tensor``), ``"fsdp_tp"`` (both), ``"replicated"``.
   1-D parameters (norms, biases) and per-layer norm scales are replicated;
-  column-parallel biases follow their kernels' output split.
+  column-parallel biases follow their kernels' output split. In every preset but
+  ``"replicated"``, routed experts (``layers/mlp/experts/*``, ``(layers, experts, in,
+  out)``) split their expert axis over ``expert`` (expert parallelism; a mesh
+  without it, or of size 1, keeps them whole) and their in/out axes like the
+  preset's MLP; shared experts are sharded like a dense MLP; routers are replicated.
+
+  Example:
+    >>> from jlora.sharding import partition_specs, preset_rules
+    >>> import jax.numpy as jnp
+    >>> p = {"layers": {"mlp": {"experts": {"up_proj": {"kernel": jnp.zeros((2, 8, 16, 32))}}}}}
+    >>> partition_specs(p, preset_rules("fsdp_tp"))["layers"]["mlp"]["experts"]["up_proj"]["kernel"]
+    P(None, 'expert', 'fsdp', 'tensor')
   """
   del mesh
-  f, t = "fsdp", "tensor"
+  f, t, e = "fsdp", "tensor", "expert"
   if name == "replicated":
     return [(r".*", P())]
   if name == "fsdp":
-    # jlora.models' stacked (layers, in, out) kernels: split the input axis, never the layer axis.
-    return [(r"layers/.*/kernel", P(None, f, None)), (r".*/(kernel|embedding)", P(f, None)), (r".*", P())]
+    # jlora.models' stacked (layers, in, out) kernels: split the input axis, never the layer axis;
+    # routed experts (layers, experts, in, out) also split their experts over `expert`.
+    return [(r"layers/mlp/experts/[^/]+/kernel", P(None, e, f, None)), (r"layers/mlp/experts/[^/]+/bias", P(None, e)),
+            (r"layers/.*/kernel", P(None, f, None)), (r".*/(kernel|embedding)", P(f, None)), (r".*", P())]
   if name not in ("tp", "fsdp_tp"):
     raise ValueError(f"unknown sharding preset {name!r}: use fsdp, tp, fsdp_tp or replicated")
   fs = f if name == "fsdp_tp" else None
   return [
+      # Routed experts (layers, experts, in, out): experts over `expert`, column/row parallel within.
+      (rf"layers/mlp/experts/{_EXPERT_COLUMN}/kernel", P(None, e, fs, t)),
+      (rf"layers/mlp/experts/{_EXPERT_COLUMN}/bias", P(None, e, t)),
+      (rf"layers/mlp/experts/{_ROW}/kernel", P(None, e, t, fs)),
+      (r"layers/mlp/experts/.*", P(None, e)),
+      # Shared experts: a dense MLP.
+      (rf"layers/mlp/shared_experts?/{_COLUMN}/kernel", P(None, fs, t)),
+      (rf"layers/mlp/shared_experts?/{_ROW}/kernel", P(None, t, fs)),
       # jlora.models (native decoder): stacked (layers, in, out) kernels and (layers, out) biases.
       (rf"layers/(self_attn|mlp)/{_COLUMN}/kernel", P(None, fs, t)),
       (rf"layers/(self_attn|mlp)/{_COLUMN}/bias", P(None, t)),
@@ -235,28 +264,32 @@ def partition_specs(params: Any, rules: Rules, *, mesh: Mesh | None = None) -> A
 
 
 def make_mesh(shape: str | Mapping[str, int] | None = None, *, devices: Sequence[Any] | None = None) -> Mesh:
-  """A ``("data", "fsdp", "tensor")`` mesh; ``"data=2,fsdp=4"`` style strings; missing axes are 1.
+  """A ``("data", "fsdp", "expert", "tensor")`` mesh; ``"data=2,expert=4"`` style strings; missing axes are 1.
 
-  Default: every device on ``fsdp``. Axes are ``Auto`` (JAX 0.10's default is Explicit).
+  ``expert`` splits routed experts (expert parallelism, see ``preset_rules``); the batch is
+  split over ``data`` and ``fsdp`` only. Default: every device on ``fsdp``. Axes are ``Auto``
+  (JAX 0.10's default is Explicit).
   """
   devices = list(devices or jax.devices())
   if isinstance(shape, str) and shape:
     sizes = {}
     for part in shape.split(","):
       k, _, v = part.partition("=")
-      if k.strip() not in ("data", "fsdp", "tensor") or not v.strip().isdigit():
-        raise ValueError(f"mesh {shape!r}: write it as data=N,fsdp=N,tensor=N")
+      if k.strip() not in MESH_AXES or not v.strip().isdigit():
+        raise ValueError(f"mesh {shape!r}: write it as data=N,fsdp=N,expert=N,tensor=N")
       sizes[k.strip()] = int(v)
   elif isinstance(shape, Mapping):
     sizes = dict(shape)
   else:
     sizes = {"fsdp": len(devices)}
-  dims = tuple(sizes.get(a, 1) for a in ("data", "fsdp", "tensor"))
+  unknown = [k for k in sizes if k not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"mesh {dict(sizes)}: unknown axes {unknown}; the axes are {', '.join(MESH_AXES)}")
+  dims = tuple(sizes.get(a, 1) for a in MESH_AXES)
   if int(np.prod(dims)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(('data', 'fsdp', 'tensor'), dims))} needs {int(np.prod(dims))} devices, "
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
                      f"there are {len(devices)}")
-  return jax.make_mesh(dims, ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  return jax.make_mesh(dims, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def put(params: Any, specs: Any, mesh: Mesh) -> Any:

@@ -1,5 +1,5 @@
 """The other half of the benchmarks' ``--smoke`` runs (see tests/test_benchmarks_smoke.py): jlora.models,
-many adapters, bank strategies and the GPT-3 memory table, in one process."""
+many adapters, bank strategies, the GPT-3 memory table and expert LoRA, in one process."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def group(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   before = results_snapshot()
   steps = [[f"benchmarks/{name}.py", "--smoke", "--out", str(out / f"{name}.json")]
-           for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3")]
+           for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3", "expert_lora")]
   run = run_group(steps, env=smoke_env(torch=True))
   print(f"benchmarks smoke group: {run.summary()}")
   assert results_snapshot() == before, "a --smoke run changed benchmarks/results/"
@@ -84,3 +84,28 @@ def test_memory_gpt3(group):
   assert result["title"].startswith("gpt-tiny: batch 1x16")
   assert "total (XLA peak estimate)" in run.stdout  # the printed table
   assert (group.out / "memory_gpt3.png").stat().st_size > 0
+
+
+def test_expert_lora(group):
+  run = group.ok("benchmarks/expert_lora.py")
+  result = load_result(group.out / "expert_lora.json")
+  assert result["config"]["num_experts"] == 4 and "routed experts: 3" in result["count"]
+  xla = result["xla"]
+  for name in ("floor", "jlora", "jlora_autodiff", "jlora_experts_frozen", "full"):
+    finite(xla[name]["flops"])
+    assert xla[name]["temp_bytes"] > 0
+  finite(xla["jlora"]["flops_over_floor"])
+  finite(xla["jlora"]["temp_over_floor"])
+  # No per-expert dW or B·A in the LoRA step's compiled program (no more expert-kernel-shaped buffers computed
+  # than the floor's); full fine-tuning computes its dWs.
+  buffers = {k: xla[k]["expert_kernel_shaped_buffers"]["computed"] for k in ("floor", "jlora", "full")}
+  assert buffers["jlora"] == buffers["floor"] < buffers["full"], buffers
+  wall = result["wall"]
+  assert wall["rounds"] == 1
+  for name in ("floor", "jlora", "jlora_experts_frozen"):
+    finite(wall[f"{name}_s"])
+  finite(wall["jlora_over_jlora_experts_frozen"])
+  if HAVE_TORCH:
+    finite(wall["jlora_over_peft_lora"])
+    finite(wall["floor_over_torch_floor"])
+  assert "expert LoRA: FLOPs" in run.stdout

@@ -44,7 +44,7 @@ COVERAGE = {
        for name in ("train_step", "dora_step", "qlora", "compile_time", "forward", "collectives",
                     "reproducible_numerics")},
     **{f"benchmarks/{name}.py": ["tests/test_benchmarks_smoke_more.py"]
-       for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3")},
+       for name in ("models", "many_adapters", "bank_strategies", "memory_gpt3", "expert_lora")},
     "benchmarks/moe_dispatch.py": ["tests/models/test_moe_benchmark.py"],
     **{f"benchmarks/{name}.py": ["tests/objectives/test_benchmarks.py"]
        for name in ("chunked_logits", "dpo_step", "grpo_step")},

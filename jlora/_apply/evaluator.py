@@ -24,7 +24,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
 # The rule modules fill the rule table when imported.
-from jlora._apply import rules_consumers, rules_control, rules_structural  # noqa: F401
+from jlora._apply import rows, rules_consumers, rules_control, rules_structural  # noqa: F401
 from jlora._apply.base_result import base_out
 from jlora._apply.consumers.custom_vjp import groupable, grouped_dot_out
 from jlora._apply.consumers.plans import dot_plan
@@ -62,13 +62,27 @@ def _group_input(eqn, kernel, producer=None):
 
 
 class _Frame:
-  """One jaxpr being evaluated: its environment and, on demand, its static analysis."""
+  """One jaxpr being evaluated: its environment and, on demand, its static analysis.
 
-  __slots__ = ("jaxpr", "env", "args", "hot_in", "_analysis")
+  A body inlined from a ``jit`` knows its caller (``parent``, and the caller's operands
+  ``outer`` for its inputs), so that the rows of a value can be followed across it
+  (``jlora._apply.rows``).
+  """
 
-  def __init__(self, jaxpr, env, args, hot_in):
+  __slots__ = ("jaxpr", "env", "args", "hot_in", "_analysis", "parent", "outer")
+
+  def __init__(self, jaxpr, env, args, hot_in, parent=None, outer=None):
     self.jaxpr, self.env, self.args, self.hot_in = jaxpr, env, args, hot_in
+    self.parent, self.outer = parent, outer
     self._analysis = None
+
+  def scope(self) -> rows.Scope:
+    """This jaxpr (and its callers) for ``rows.trace_rows``."""
+    parent = None
+    if self.parent is not None and self.outer is not None:
+      parent = (self.parent.scope(), [None] * len(self.jaxpr.constvars) + list(self.outer))
+    env = self.env
+    return rows.Scope(self.jaxpr, lambda v: env[v], parent)
 
   def groups(self) -> dict[int, list[int]]:
     """Matmuls of LoRA kernels that read one input, by the index of the first (see ``_group_input``)."""
@@ -142,12 +156,20 @@ class Interpreter:
       return None
     return self._frame.analysis().recompute(var, self._frame.env, bind, rank=rank)
 
+  def trace_rows(self, var, ids):
+    """``ids`` (of the model inputs' leading shape) at every element of ``var`` of the current jaxpr,
+    following its rows back through data movement (``jlora._apply.rows``); ``None`` if they cannot be."""
+    return rows.trace_rows(self._frame.scope(), var, ids)
+
   # -- evaluation -----------------------------------------------------------------
-  def run(self, jaxpr, consts: Sequence[Any], args: Sequence[Any], hot: Sequence[bool] | None = None) -> list:
-    """Evaluates ``jaxpr``; ``hot`` flags the inputs that carry tangents (LoRA kernels always do)."""
+  def run(self, jaxpr, consts: Sequence[Any], args: Sequence[Any], hot: Sequence[bool] | None = None,
+          outer: Sequence[Any] | None = None) -> list:
+    """Evaluates ``jaxpr``; ``hot`` flags the inputs that carry tangents (LoRA kernels always do);
+    ``outer``: for a body inlined from an equation of the current jaxpr, that equation's operands."""
     env: dict = {}
     frame, self._frame = self._frame, _Frame(jaxpr, env, list(consts) + list(args),
-                                              None if hot is None else [False] * len(consts) + list(hot))
+                                              None if hot is None else [False] * len(consts) + list(hot),
+                                              parent=self._frame if outer is not None else None, outer=outer)
     try:
       return self._run(jaxpr, consts, args, env)
     finally:

@@ -39,6 +39,8 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
+from jlora._apply.primitives import ragged_dot_general_p
+
 # Operations cheap enough to redo in the backward pass (elementwise or layout-only).
 _CHEAP = frozenset({
     P.add_p, P.sub_p, P.mul_p, P.div_p, P.neg_p, P.max_p, P.min_p, P.abs_p, P.sign_p,
@@ -57,7 +59,7 @@ _LINEAR = frozenset({
     P.add_jaxvals_p,
 })
 
-_BILINEAR = frozenset({P.mul_p, P.dot_general_p, P.conv_general_dilated_p})
+_BILINEAR = frozenset({P.mul_p, P.dot_general_p, P.conv_general_dilated_p, ragged_dot_general_p})
 
 # Longest chain of operations redone for one layer input.
 MAX_CHAIN = 32

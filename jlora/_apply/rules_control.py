@@ -27,7 +27,7 @@ def _closed(j):
 @rule(P.jit_p, P.closed_call_p)
 def _inline(interp, eqn, invals):
   jaxpr, consts = _closed(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
-  return interp.run(jaxpr, consts, invals, hot=interp.hot(eqn.invars))
+  return interp.run(jaxpr, consts, invals, hot=interp.hot(eqn.invars), outer=eqn.invars)
 
 
 @rule(P.remat_p)

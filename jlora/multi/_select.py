@@ -51,6 +51,7 @@ from jlora._apply.consumers.gather import gather_term as lowrank_gather_term
 from jlora._apply.consumers.layer_input import lora_input
 from jlora._apply.consumers.plain import two_step
 from jlora._apply.consumers.plans import DotPlan, factor_order
+from jlora._apply.consumers.ragged import RaggedPlan, row_groups
 from jlora._apply.context import ConsumerContext, fused_for
 from jlora._apply.lowrank import RANK, Letters, LowRank, special_label
 from jlora._errors import LoraApplyError, Unsupported
@@ -120,6 +121,16 @@ def _slot_weights(v: LowRank, ids, id_labels):
   return jnp.einsum(f"{L((*id_labels, SLOT))},{L(sl)}->{L(w_labels)}", oh, scale), w_labels
 
 
+def _free_ids(traced, x_labels, free_labels):
+  """Per-element ids of an input (``traced``) reduced to its free axes (index 0 along the others)."""
+  x_labels = list(x_labels)
+  for i in reversed(range(len(x_labels))):
+    if x_labels[i] not in free_labels:
+      traced = lax.index_in_dim(traced, 0, i, keepdims=False)
+      del x_labels[i]
+  return jnp.transpose(traced, [x_labels.index(l) for l in free_labels])
+
+
 def choose(strategy: str, *, ids_size: int, tokens: int, slots: int, groupable: bool) -> str:
   """The selection strategy for one use (``"auto"`` resolved from the measured trade-offs)."""
   if strategy == "ragged" and not groupable:
@@ -139,7 +150,14 @@ def dot_term(ctx: ConsumerContext, v: LowRank, x: jax.Array, plan: DotPlan, *, s
   ids = _ids(ctx, v)
   vset = set(v.labels)
   free = [(l, x.shape[i]) for i, l in enumerate(plan.x_labels) if l not in vset]
-  ids, id_labels = _map_ids(v, ids, free, "an input")
+  try:
+    ids, id_labels = _map_ids(v, ids, free, "an input")
+  except LoraApplyError:
+    # An input that flattened or sorted its batch (a mixture of experts): follow its rows back.
+    traced = None if plan.rows is None or not free else plan.rows(ids)
+    if traced is None:
+      raise
+    ids, id_labels = _free_ids(traced, plan.x_labels, [l for l, _ in free]), tuple(l for l, _ in free)
   xin = lora_input(ctx, v, x)
   spec = v.source.spec
   f1, l1, f2, l2 = factor_order(v, plan)
@@ -190,6 +208,71 @@ def _ragged(v, xin, plan, ids, id_labels, free, f1, l1, f2, l2):
   n_shape = [f2.shape[l2.index(l)] for l in n_labels]
   y = y.reshape(*free_shape, *n_shape)
   return jnp.einsum(f"{L(free_labels + n_labels)}->{L(plan.out_labels)}", y)
+
+
+# -- grouped matmul (routed experts) ------------------------------------------------------------
+
+
+def ragged_term(ctx: ConsumerContext, v: LowRank, x: jax.Array, group_sizes: jax.Array, plan: RaggedPlan, *,
+                strategy: str) -> jax.Array:
+  """The low-rank term of ``ragged_dot(x_sorted, bank kernel, group_sizes)``: each row with its expert's
+  factors in its example's slot.
+
+  The sorted rows' ids come from ``plan.rows`` (the ids followed through the model's own sort).
+  ``onehot`` (``auto`` up to ``ONEHOT_MAX_SLOTS`` slots): two grouped matmuls with the experts'
+  ``slots·r`` columns, the other slots masked per row; ``gather``: each row's ``A``/``B`` gathered
+  by (expert, slot); ``ragged``: rows re-sorted by (expert, slot), two grouped matmuls over
+  ``experts·slots`` groups.
+  """
+  spec = v.source.spec
+  slots, rank = spec.variant.slots, spec.rank
+  ids = _ids(ctx, v)
+  traced = None if plan.rows is None else plan.rows(ids)
+  if traced is None:
+    raise LoraApplyError(
+        f"jlora.wrap: {v.path!r} is a bank of expert adapters used by a ragged_dot whose input rows cannot be "
+        f"followed back to the batch that adapter_ids {tuple(ids.shape)} label (only gathers, reshapes, slices, "
+        "casts and elementwise operations may lie between them); serve the adapters one at a time.")
+  k_labels = [l for l in v.a_labels if l not in (plan.group, SLOT, RANK)]
+  n_labels = [l for l in v.b_labels if l not in (plan.group, SLOT, RANK)]
+  if sorted(map(id, plan.x_labels)) != sorted(map(id, [plan.ragged, *k_labels])):
+    raise Unsupported("a bank on a ragged_dot with batch dimensions or several free input axes")
+  L = Letters()
+  m = x.shape[plan.x_labels.index(plan.ragged)]
+  xin = lora_input(ctx, v, x)
+  x2 = jnp.einsum(f"{L(plan.x_labels)}->{L([plan.ragged, *k_labels])}", xin).reshape(m, -1)
+  a2 = jnp.einsum(f"{L(v.a_labels)}->{L([plan.group, SLOT, *k_labels, RANK])}", v.a)
+  b2 = jnp.einsum(f"{L(v.b_labels)}->{L([plan.group, SLOT, RANK, *n_labels])}", v.b)
+  experts = a2.shape[0]
+  a2, b2 = a2.reshape(experts, slots, -1, rank), b2.reshape(experts, slots, rank, -1)
+  scales = jnp.einsum(f"{L(v.flabels['scales'])}->{L([plan.group, SLOT])}", v.factors["scales"])
+  row_ids = jnp.moveaxis(traced, plan.x_labels.index(plan.ragged), 0).reshape(m, -1)[:, 0]
+  groups = row_groups(group_sizes, m)
+  valid = (groups < experts) & (row_ids >= 0)
+  g, sl = jnp.minimum(groups, experts - 1), jnp.maximum(row_ids, 0)
+  sc = jnp.where(valid, scales[g, sl], 0).astype(x2.dtype)
+  how = strategy if strategy in ("gather", "onehot", "ragged") else ("onehot" if slots <= ONEHOT_MAX_SLOTS else "gather")
+  prec = plan.precision
+  if how == "onehot":
+    a_cols = jnp.transpose(a2, (0, 2, 1, 3)).reshape(experts, a2.shape[2], slots * rank)
+    t = lax.ragged_dot(x2, a_cols, group_sizes, precision=prec).reshape(m, slots, rank)
+    w = jax.nn.one_hot(sl, slots, dtype=t.dtype) * sc[:, None]
+    t = (t * w[:, :, None]).reshape(m, slots * rank)
+    y = lax.ragged_dot(t, b2.reshape(experts, slots * rank, -1), group_sizes, precision=prec)
+  elif how == "gather":
+    t = jnp.einsum("mk,mkr->mr", x2, a2[g, sl], precision=prec) * sc[:, None]
+    y = jnp.einsum("mr,mrn->mn", t, b2[g, sl], precision=prec)
+  else:
+    key = jnp.where(valid, g * slots + sl, experts * slots)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=experts * slots + 1)[:experts * slots].astype(group_sizes.dtype)
+    t = lax.ragged_dot(x2[order], a2.reshape(experts * slots, -1, rank), sizes, precision=prec)
+    t = t * sc[order][:, None]
+    ys = lax.ragged_dot(t, b2.reshape(experts * slots, rank, -1), sizes, precision=prec)
+    y = jnp.zeros_like(ys).at[order].set(ys)
+  n_shape = [v.b.shape[v.b_labels.index(l)] for l in n_labels]
+  y = y.reshape(m, *n_shape)
+  return jnp.einsum(f"{L([plan.ragged, *n_labels])}->{L(plan.out_labels)}", y).astype(plan.out_dtype)
 
 
 # -- lookup and convolution -------------------------------------------------------------------

@@ -102,6 +102,9 @@ class Bank(Variant):
   def gather(self, ctx: Any, v: Any, indices: Any, base_out: Any, params: dict) -> Any:
     return base_out + _select.gather_term(ctx, v, indices, params, out_dtype=base_out.dtype)
 
+  def ragged_dot(self, ctx: Any, v: Any, x: Any, group_sizes: Any, base_out: Any, plan: Any) -> Any:
+    return base_out + _select.ragged_term(ctx, v, x, group_sizes, plan, strategy=self.strategy)
+
   # -- merging ---------------------------------------------------------------------------------
   def delta(self, w: Any, dtype: Any) -> Any:
     raise ValueError(

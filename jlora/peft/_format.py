@@ -2,7 +2,10 @@
 
 A PEFT LoRA directory is ``adapter_config.json`` + ``adapter_model.safetensors``
 whose tensors are named ``base_model.model.<module>.lora_A.weight`` (``(r, in)``)
-and ``...lora_B.weight`` (``(out, r)``), per PyTorch module. ``jlora.peft._save``
+and ``...lora_B.weight`` (``(out, r)``), per PyTorch module. Routed experts stored
+as one 3-D parameter per layer (gpt-oss's ``experts.gate_up_proj`` ``[E, in, out]``)
+are PEFT ``target_parameters``: one ``lora_A``/``lora_B`` pair per parameter, with
+the experts flattened into the rank axis (``fused_to_torch``; docs/moe.md). ``jlora.peft._save``
 writes it, ``jlora.peft._load`` reads it, ``jlora.peft._variants`` holds the
 variants' own tensors and configs (DoRA, AdaLoRA, PiSSA/OLoRA).
 """
@@ -75,3 +78,60 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[
     f.seek(8)
     f.write(canonical)
   return path
+
+
+# -- routed experts stored as one 3-D parameter (PEFT target_parameters) -------------------------
+
+# Where lora_A sits for a 3-D ``[E, in, out]`` parameter; PEFT flattens A expert-major (rows
+# ``e·r + k``) and B expert-fastest (columns ``k·E + e``) in both.
+#  * "peft_swapped": PEFT 0.21 on transformers 4.x's gpt-oss (no ``is_transposed`` on the experts):
+#    PEFT swaps in and out, so lora_A ``[E·r, out]`` sits on the output side and lora_B is ``[in, r·E]``.
+#  * "input_side": transformers >= 5 (experts marked ``is_transposed``) and vLLM's FusedMoE3DWithLoRA:
+#    lora_A ``[E·r, in]``, lora_B ``[out, r·E]``.
+FUSED_LAYOUTS = ("peft_swapped", "input_side")
+# safetensors __metadata__ key recording the layout jlora.peft.save wrote.
+FUSED_LAYOUT_KEY = "jlora_target_parameters_layout"
+
+
+def check_fused_layout(layout, where: str) -> str:
+  if layout not in FUSED_LAYOUTS:
+    raise ValueError(
+        f"{where}: fused_layout={layout!r}; routed experts stored as one 3-D parameter (PEFT target_parameters) "
+        "need an explicit layout: 'peft_swapped' (what PEFT 0.21 reads and writes on transformers 4.x, lora_A on "
+        "the output side) or 'input_side' (transformers >= 5 and vLLM). See docs/moe.md.")
+  return layout
+
+
+def fused_to_torch(a: np.ndarray, b: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(lora_A, lora_B)`` of one 3-D parameter from ``a [E, in, r]`` and ``b [E, r, out]`` (see ``FUSED_LAYOUTS``)."""
+  experts, din, r = a.shape
+  dout = b.shape[-1]
+  if layout == "input_side":
+    return (np.ascontiguousarray(a.transpose(0, 2, 1).reshape(experts * r, din)),
+            np.ascontiguousarray(b.transpose(2, 1, 0).reshape(dout, r * experts)))
+  return (np.ascontiguousarray(b.reshape(experts * r, dout)),
+          np.ascontiguousarray(a.transpose(1, 2, 0).reshape(din, r * experts)))
+
+
+def fused_from_torch(lora_a: np.ndarray, lora_b: np.ndarray, experts: int, din: int, dout: int,
+                     layout: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(a [E, in, r], b [E, r, out])`` from one 3-D parameter's ``lora_A``/``lora_B`` (inverse of ``fused_to_torch``)."""
+  r = lora_a.shape[0] // experts
+  if layout == "input_side":
+    return lora_a.reshape(experts, r, din).transpose(0, 2, 1), lora_b.reshape(dout, r, experts).transpose(2, 1, 0)
+  return lora_b.reshape(din, r, experts).transpose(2, 0, 1), lora_a.reshape(experts, r, dout)
+
+
+def fused_shapes(experts: int, r: int, din: int, dout: int, layout: str) -> tuple[tuple, tuple]:
+  """The ``(lora_A, lora_B)`` shapes of one 3-D parameter in ``layout``."""
+  if layout == "input_side":
+    return (experts * r, din), (dout, r * experts)
+  return (experts * r, dout), (din, r * experts)
+
+
+def nesting(module: str, params: list[str], order: tuple[str, ...]) -> dict[str, str]:
+  """PEFT's module key of each targeted parameter of one module: wrappers nest in the module's parameter
+  order (``order``), the first innermost: ``experts.base_layer`` (gate_up_proj), ``experts`` (down_proj)."""
+  rank = {p: (order.index(p) if p in order else len(order), p) for p in params}
+  ordered = sorted(params, key=rank.__getitem__)
+  return {p: module + ".base_layer" * (len(ordered) - 1 - i) for i, p in enumerate(ordered)}

@@ -23,8 +23,9 @@ from jlora import _checkpoint as ck
 from jlora._tree import leaves_with_paths, path_str
 from jlora._weight import LoraSpec, LoraWeight, is_lora_weight
 from jlora.peft import _variants
-from jlora.peft._format import (CONFIG_NAME, FINGERPRINT_KEY, TENSOR_KEY, WEIGHTS_NAME, PeftFormatError,
-                                UnverifiedBaseWarning)
+from jlora.peft._format import (CONFIG_NAME, FINGERPRINT_KEY, FUSED_LAYOUT_KEY, TENSOR_KEY, WEIGHTS_NAME,
+                                PeftFormatError, UnverifiedBaseWarning, check_fused_layout, fused_from_torch,
+                                fused_shapes, nesting)
 from jlora.peft._mapping import ModuleMap
 
 
@@ -32,7 +33,6 @@ _UNSUPPORTED = {
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "LoRA biases (lora_bias=true)",
     "layer_replication": "layer_replication",
-    "target_parameters": "target_parameters (LoRA on raw parameters)",
     "trainable_token_indices": "trainable_token_indices",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "aLoRA",
@@ -134,7 +134,7 @@ def verify_base(directory: str, params: Any, *, fix: str = ck.TRANSPLANT_FIX) ->
 
 def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
          model_type: str | None = None, layout: Mapping[str, Any] | None = None,
-         check_base: bool = True) -> Any:
+         check_base: bool = True, fused_layout: str | None = None) -> Any:
   """Loads a PEFT LoRA directory onto Flax base ``params`` as a jlora tree.
 
   Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``),
@@ -154,6 +154,12 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
       the adapter does not cover keep A = B = 0.
     check_base: compare the base fingerprint ``jlora.peft.save`` recorded with
       ``params`` (see ``verify_base``); without a recorded one, warn.
+    fused_layout: for ``target_parameters`` on routed experts stored as one 3-D
+      parameter (``ModuleMap.fused_experts``): ``"peft_swapped"`` (PEFT 0.21 on
+      transformers 4.x) or ``"input_side"`` (transformers >= 5, vLLM). Default: the
+      layout ``jlora.peft.save`` recorded, else read from the shapes (lora_A's width
+      is the parameter's output or input size); an adapter whose shapes cannot tell
+      (every targeted parameter square) needs it.
 
   Raises:
     PeftFormatError: an unsupported PEFT feature, a tensor that matches no base
@@ -175,9 +181,15 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
   mm = module_map or ModuleMap.for_model_type(model_type)
 
   candidates: dict[str, tuple[str, Any, tuple[int, ...]]] = {}
+  fused: dict[str, tuple[str, Any, tuple[int, ...]]] = {}  # 3-D torch parameter -> (path, leaf, layer index)
   for path, leaf in leaves_with_paths(params, is_leaf=is_lora_weight):
     if is_lora_weight(leaf):
       raise PeftFormatError(f"{path!r} already holds an adapter; load onto plain base params")
+    if mm.is_fused(path) and (layout or {}).get(path) is not None:
+      batch = layout[path].normalized(len(leaf.shape)).batch_axes
+      for idx in itertools.product(*(range(leaf.shape[a]) for a in batch[:-1])):
+        fused[mm.to_module(path, idx)] = (path, leaf, idx)
+      continue
     if len(getattr(leaf, "shape", ())) >= 2 and path.rsplit("/", 1)[-1] in ("kernel", "embedding"):
       # Stacked (scanned) kernels: one torch module per index of their batch axes.
       lay = (layout or {}).get(path)
@@ -196,6 +208,7 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
     parts[m.group("module")][m.group("kind")] = value
 
   use_rslora = bool(config.get("use_rslora", False))
+  built_fused = _fused(config, wpath, parts, fused, mm, layout or {}, fused_layout, use_rslora)
   # path -> (spec, A, B, module of the first slice) assembled from each module's slice
   built: dict[str, tuple[LoraSpec, np.ndarray, np.ndarray, np.ndarray | None, str]] = {}
   replacements: dict[str, LoraWeight] = {}
@@ -259,6 +272,8 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
   for path, (spec, a, b, e, mask, first) in ada.items():
     replacements[path] = LoraWeight(candidates[first][1], jax.numpy.asarray(a), jax.numpy.asarray(b), spec,
                                     {"e": jax.numpy.asarray(e), "rank_mask": jax.numpy.asarray(mask)})
+  for path, (spec, a, b, w0) in built_fused.items():
+    replacements[path] = LoraWeight(w0, jax.numpy.asarray(a), jax.numpy.asarray(b), spec)
   for path, (spec, a, b, mag, first) in built.items():
     w0 = candidates[first][1]
     extras = {}
@@ -279,3 +294,91 @@ def load(directory: str, params: Any, *, module_map: ModuleMap | None = None,
     return replacements.get(path_str(p), leaf)
 
   return jax.tree_util.tree_map_with_path(replace, params)
+
+
+def _fused(config: dict, wpath: str, parts: dict, fused: dict, mm: ModuleMap, layout: Mapping[str, Any],
+           fused_layout: str | None, use_rslora: bool) -> dict:
+  """The ``target_parameters`` tensors on 3-D expert parameters, removed from ``parts``: ``{path: (spec, a, b, w0)}``."""
+  targets = list(config.get("target_parameters") or ())
+  if not targets:
+    return {}
+  by_module: dict[str, list[str]] = collections.defaultdict(list)
+  for name in fused:
+    module, _, param = name.rpartition(".")
+    if any(name == t or name.endswith("." + t) for t in targets):
+      by_module[module].append(param)
+  keys = {}  # PEFT module key -> parameter name
+  for module, params_ in by_module.items():
+    keys.update({key: f"{module}.{p}" for p, key in nesting(module, params_, mm.parameter_order).items()})
+  stray = [m for m in parts if m not in keys and (m.endswith(".base_layer") or m.rpartition(".")[0] in by_module)]
+  unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in fused)]
+  if unknown or stray:
+    raise PeftFormatError(
+        f"{wpath}: target_parameters {unknown or stray} match no routed-expert kernel given as fused "
+        "(ModuleMap.fused_experts, with its layout in layout=); pass the model's ModuleMap and layout.")
+  recorded = _metadata(wpath).get(FUSED_LAYOUT_KEY)
+  if fused_layout is not None and recorded is not None and fused_layout != recorded:
+    raise PeftFormatError(f"{wpath}: saved with fused_layout={recorded!r}, loaded with {fused_layout!r}")
+  name = fused_layout or recorded or _infer_fused_layout(wpath, parts, keys, fused, layout)
+  name = check_fused_layout(name, f"jlora.peft.load({wpath!r})")
+  out: dict = {}
+  for key, param in keys.items():
+    kinds = parts.pop(key, None)
+    if kinds is None:
+      continue
+    path, leaf, idx = fused[param]
+    lay = layout[path].normalized(len(leaf.shape))
+    experts, din, dout = (leaf.shape[lay.batch_axes[-1]], leaf.shape[lay.in_axes[0]],
+                          leaf.shape[lay.out_axes(len(leaf.shape))[0]])
+    a_t, b_t = kinds.get("lora_A"), kinds.get("lora_B")
+    if a_t is None or b_t is None or a_t.shape[0] % experts:
+      raise PeftFormatError(f"{wpath}: {key!r} ({param}) needs lora_A and lora_B with experts x rank rows")
+    r = a_t.shape[0] // experts
+    want = fused_shapes(experts, r, din, dout, name)
+    if (tuple(a_t.shape), tuple(b_t.shape)) != want:
+      raise PeftFormatError(f"{wpath}: {param!r}: lora_A {a_t.shape} / lora_B {b_t.shape} do not fit a "
+                            f"[{experts}, {din}, {dout}] parameter in the {name!r} layout (expected {want[0]} / "
+                            f"{want[1]}); the other layout is "
+                            f"{[l for l in ('peft_swapped', 'input_side') if l != name][0]!r}.")
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, param, config.get("lora_alpha", 8)))
+    want_r = _pattern_value(config.get("rank_pattern") or {}, param, config.get("r", r))
+    if int(want_r) != r:
+      raise PeftFormatError(f"{wpath}: {param!r} has rank {r} but the config says {want_r}")
+    spec = LoraSpec(shape=tuple(leaf.shape), layout=lay, rank=int(r), alpha=alpha, rslora=use_rslora,
+                    variant=_variants.plain_variant())
+    if path not in out:
+      out[path] = (spec, np.zeros(spec.a_shape, np.float32), np.zeros(spec.b_shape, np.float32), leaf)
+    if out[path][0] != spec:
+      raise PeftFormatError(f"{wpath}: the layers of {path!r} have different ranks or alphas; a stacked kernel needs "
+                            "one rank and alpha for all its layers.")
+    a, b = fused_from_torch(a_t, b_t, experts, din, dout, name)
+    out[path][1][idx] = a
+    out[path][2][idx] = b
+  return out
+
+
+def _infer_fused_layout(wpath: str, parts: dict, keys: dict, fused: dict, layout: Mapping[str, Any]) -> str:
+  """The layout the shapes tell: lora_A's width is the parameter's output size (swapped) or input size."""
+  seen = set()
+  for key, param in keys.items():
+    a_t = parts.get(key, {}).get("lora_A")
+    if a_t is None:
+      continue
+    path, leaf, _ = fused[param]
+    lay = layout[path].normalized(len(leaf.shape))
+    din, dout = leaf.shape[lay.in_axes[0]], leaf.shape[lay.out_axes(len(leaf.shape))[0]]
+    if din != dout:
+      seen.add("input_side" if a_t.shape[1] == din else "peft_swapped")
+  if len(seen) == 1:
+    return seen.pop()
+  raise PeftFormatError(
+      f"{wpath}: the shapes of its 3-D expert adapters cannot tell where lora_A sits (every targeted parameter is "
+      "square, or they disagree) and no layout is recorded; pass fused_layout='peft_swapped' (PEFT 0.21 on "
+      "transformers 4.x) or 'input_side' (transformers >= 5, vLLM).")
+
+
+def _metadata(wpath: str) -> dict:
+  from safetensors import safe_open
+
+  with safe_open(wpath, "np") as f:
+    return f.metadata() or {}

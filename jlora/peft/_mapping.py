@@ -47,6 +47,16 @@ class ModuleMap:
     tied_embedding: regex of an input embedding tied to the output projection.
       jlora adapts both uses of a tied matrix (so unmerged equals merged); PEFT
       adapts only the lookup, so such adapters are refused on export.
+    fused_experts: regex of stacked routed-expert kernels (``[layers, experts, in,
+      out]``, the expert axis the last stacked axis) whose PyTorch counterpart is one
+      3-D parameter ``[experts, in, out]`` per layer (gpt-oss's
+      ``mlp.experts.gate_up_proj``): they are PEFT ``target_parameters``, and
+      ``to_module(path, layer_index)`` names the *parameter* (``"model.layers.0.mlp.
+      experts.gate_up_proj"``). Per-expert ``nn.Linear`` experts (Mixtral, Qwen-MoE on
+      transformers 4.x) are ordinary modules: ``to_module(path, (layer, expert))``.
+    parameter_order: the order of a module's parameters in PyTorch, which is the
+      order PEFT nests the wrappers of several targeted parameters of one module in
+      (gpt-oss's experts: ``gate_up_proj`` inside, ``down_proj`` outside).
 
   Example:
     >>> from jlora.peft import ModuleMap
@@ -58,6 +68,12 @@ class ModuleMap:
   transposed: str | None = None
   fan_in_fan_out: bool = False
   tied_embedding: str | None = None
+  fused_experts: str | None = None
+  parameter_order: tuple[str, ...] = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+  def is_fused(self, path: str) -> bool:
+    """Whether ``path`` is a routed-expert kernel exported as one 3-D parameter per layer."""
+    return bool(self.fused_experts) and re.fullmatch(self.fused_experts, path) is not None
 
   @classmethod
   def for_model_type(cls, model_type: str | None) -> "ModuleMap":

@@ -88,6 +88,9 @@ class AdaLoRA(Variant):
   def gather(self, ctx: ConsumerContext, v: LowRank, indices: Any, base_out: Any, params: dict) -> Any:
     return super().gather(ctx, self._effective(v), indices, base_out, params)
 
+  def ragged_dot(self, ctx: ConsumerContext, v: LowRank, x: Any, group_sizes: Any, base_out: Any, plan: Any) -> Any:
+    return super().ragged_dot(ctx, self._effective(v), x, group_sizes, base_out, plan)
+
   # -- merging -----------------------------------------------------------------------------
   def delta(self, w: LoraWeight, dtype: Any) -> Any:
     return lowrank_delta(effective_plain(w), dtype=dtype)

@@ -33,6 +33,7 @@ from jlora._apply.consumers.gather import gather_term
 from jlora._apply.consumers.layer_input import dropout
 from jlora._apply.consumers.plain import two_step
 from jlora._apply.consumers.plans import DotPlan, factor_order
+from jlora._apply.consumers.ragged import RaggedPlan, base_ragged, grouped_two_step, per_row
 from jlora._apply.context import ConsumerContext, fused_for
 from jlora._apply.lowrank import Letters, LowRank, Source, new_label, special_label
 from jlora._lazy import dense
@@ -155,6 +156,21 @@ class DoRA(Variant):
     out_labels = [next(kept) if d in dn.offset_dims else new_label() for d in range(base_out.ndim)]
     r = _labels.align(ratio, labels, out_labels).astype(base_out.dtype)
     return r * (base_out + term)
+
+  def ragged_dot(self, ctx: ConsumerContext, v: LowRank, x: Any, group_sizes: Any, base_out: Any,
+                 plan: RaggedPlan) -> Any:
+    """Routed experts: each sorted row is scaled by its expert's ``m/n`` (one norm per expert and output)."""
+    ratio, labels = self._ratio(v, "DoRA's norm")
+    rows = x.shape[plan.x_labels.index(plan.ragged)]
+    ratio, labels = per_row(ratio, labels, plan.group, plan.ragged, group_sizes, rows)
+    r = _labels.align(ratio, labels, plan.out_labels).astype(base_out.dtype)
+    spec = v.source.spec
+    key = ctx.next_key() if spec.dropout > 0 else None
+    xin = dropout(x, spec.dropout, key)
+    term = grouped_two_step(xin, v, group_sizes, plan, scale=spec.scale)
+    if key is None:
+      return r * (base_out + term)
+    return base_out + (r - 1) * base_ragged(xin, _labels.dense_base(v), group_sizes, plan) + r * term
 
   def scale_kernel(self, v: LowRank, c: Any, base: Any) -> LowRank:
     # c·W' = (|c|·m)/‖c·V‖ ⊙ (c·V) with V = W0 + s·BA: scale A by c and the magnitude by |c|.

@@ -98,6 +98,9 @@ class Residual(Variant):
   def gather(self, ctx, v, indices, base_out, params):
     return self.inner.gather(ctx, v, indices, base_out, params)
 
+  def ragged_dot(self, ctx, v, x, group_sizes, base_out, plan):
+    return self.inner.ragged_dot(ctx, v, x, group_sizes, base_out, plan)
+
   def scale_kernel(self, v, c, base):
     return self.inner.scale_kernel(v, c, base)
 

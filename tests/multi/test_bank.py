@@ -286,8 +286,14 @@ def test_per_token_ids_on_position_wise_layers(strategy):
   flat = lambda p, x: f(p, x.reshape(-1, 8)).reshape(3, 5, 8)
   assert_close(jax.jit(lambda b, x, i: jlora.wrap(flat)(b, x, adapter_ids=i))(bank, x, ids), want, **F32)
   if strategy == "gather":
+    # (B,) ids on the flattened rows: each row's id is followed back through the reshape.
+    row_ids = ids[:, 0]
+    row_want = np.select([np.asarray(row_ids)[:, None, None] == i for i in (-1, 0, 1, 2)], [np.asarray(o) for o in outs])
+    assert_close(jax.jit(lambda b, x, i: jlora.wrap(flat)(b, x, adapter_ids=i))(bank, x, row_ids), row_want, **F32)
+    # Rows mixed by a reduction over tokens cannot be followed back to the batch.
+    mixed = lambda p, x: f(p, jnp.cumsum(x.reshape(-1, 8), axis=0)).reshape(3, 5, 8)
     with pytest.raises(jlora.LoraApplyError, match=r"batch axes have shape \(15,\), which adapter_ids of shape \(3,\)"):
-      jax.eval_shape(lambda b, x, i: jlora.wrap(flat)(b, x, adapter_ids=i), bank, x, ids[:, 0])
+      jax.eval_shape(lambda b, x, i: jlora.wrap(mixed)(b, x, adapter_ids=i), bank, x, row_ids)
 
 
 def test_convolution_bank():

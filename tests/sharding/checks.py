@@ -307,6 +307,52 @@ def check_finetune_qlora_on_mesh(tmp):
   jlora.load_adapter(os.path.join(out, "adapter"), dense.params)  # onto the dense base, on one device
 
 
+def check_expert_parallel_step_matches_single_device(tmp):
+  """Routed experts on an `expert` mesh axis (with data, fsdp and tensor splits too): the expert
+  adapters' loss, gradients and one optimizer step equal one device's."""
+  from experts.moe_fns import adapters as make_adapters, decoder, init_params, inputs
+
+  p = init_params(0, experts=4, hidden=16, inter=8)
+  x = inputs(1, (4, 3, 16))
+  cfg = jlora.LoraConfig(rank=2, targets=r"layers/(mlp/experts/.*|self_attn/q_proj)/kernel")
+  lp = make_adapters(2, p, cfg, scale=0.1)
+  adapters, frozen = jlora.split(lp)
+  tx = jlora.optimizer(optax.sgd(0.5), adapters)
+  wrapped = jlora.wrap(decoder)
+
+  def step(adapters, frozen, x):
+    loss = lambda a: jnp.mean(jnp.square(wrapped(jlora.combine(a, frozen), x)))
+    l, g = jax.value_and_grad(loss)(adapters)
+    u, _ = tx.update(g, tx.init(adapters), adapters)
+    return l, g, optax.apply_updates(adapters, u)
+
+  ref = jax.jit(step)(adapters, frozen, x)
+  for preset, shape in (("fsdp_tp", "expert=4,data=2"), ("fsdp_tp", "expert=2,fsdp=2,tensor=2"), ("fsdp", "expert=8")):
+    if shape == "expert=8":  # 4 experts do not split over 8 devices: the error says so
+      try:
+        jsh.partition_specs(p, jsh.preset_rules(preset), mesh=jsh.make_mesh(shape))
+      except ValueError as e:
+        assert "/experts/" in str(e) and "does not split over mesh axes 'expert'" in str(e), e
+        continue
+      raise AssertionError("4 experts were split over 8 devices")
+    mesh = jsh.make_mesh(shape)
+    specs = jsh.lora_specs(lp, jsh.partition_specs(p, jsh.preset_rules(preset), mesh=mesh))
+    up = specs["layers"]["mlp"]["experts"]["up_proj"]["kernel"]
+    assert up.w0 == P(None, "expert", "fsdp", "tensor") and up.a == P(None, "expert", "fsdp", None), up
+    assert up.b == P(None, "expert", None, "tensor"), up
+    down = specs["layers"]["mlp"]["experts"]["down_proj"]["kernel"]
+    assert down.a == P(None, "expert", "tensor", None) and down.b == P(None, "expert", None, "fsdp"), down
+    on = jsh.put(lp, specs, mesh)
+    a_on, f_on = jlora.split(on)
+    w = a_on["layers"]["mlp"]["experts"]["up_proj"]["kernel"]
+    assert w.a.addressable_shards[0].data.shape[1] == 4 // mesh.shape["expert"]  # each device: its experts' adapters
+    sx = jax.device_put(x, NamedSharding(mesh, P(jsh.DATA_AXES)))
+    got = jax.jit(step)(a_on, f_on, sx)
+    np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-5)
+    for (pa, u), (_, v) in zip(jax.tree_util.tree_leaves_with_path(got[1:]), jax.tree_util.tree_leaves_with_path(ref[1:])):
+      np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6, err_msg=f"{shape} {pa}")
+
+
 if __name__ == "__main__":
   import traceback
 

@@ -25,12 +25,21 @@ def run_checks(names: list[str], tmp_path) -> None:
 def test_sharding(tmp_path):
   """On 8 devices: sharded init, a sharded step equal to one device's, sharded merge, checkpoints
   restored onto another mesh, native and 4-bit loading onto a mesh, the QLoRA step sharded, the
-  fine-tuning step compiled once."""
+  fine-tuning step compiled once, routed-expert adapters on an `expert` axis equal to one device."""
   run_checks(["sharded_init", "sharded_step_matches_single_device", "sharded_merge", "checkpoint_onto_other_mesh",
-              "native_load_onto_mesh", "qlora_sharded_step_matches_single_device", "finetune_step_compiles_once"],
-             tmp_path)
+              "native_load_onto_mesh", "qlora_sharded_step_matches_single_device", "finetune_step_compiles_once",
+              "expert_parallel_step_matches_single_device"], tmp_path)
 
 
 @pytest.mark.slow  # the QLoRA step on a mesh is checked above
 def test_finetune_qlora_on_mesh(tmp_path):
   run_checks(["finetune_qlora_on_mesh"], tmp_path)
+
+
+def test_mesh_axes_are_named():
+  import jlora.sharding as jsh
+
+  with pytest.raises(ValueError, match=r"mesh 'experts=2': write it as data=N,fsdp=N,expert=N,tensor=N"):
+    jsh.make_mesh("experts=2")
+  with pytest.raises(ValueError, match=r"unknown axes \['pipeline'\]; the axes are data, fsdp, expert, tensor"):
+    jsh.make_mesh({"pipeline": 1})

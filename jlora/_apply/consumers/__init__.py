@@ -1,4 +1,5 @@
-"""The consumers: the low-rank term where a LoRA kernel is consumed (matmul, convolution, lookup).
+"""The consumers: the low-rank term where a LoRA kernel is consumed (matmul, convolution, lookup,
+grouped matmul of routed experts).
 
 Each computes the *scaled low-rank term* to add to the base result from the
 layer input and the factors only (``x·A`` first, then ``·B``); the dense
@@ -12,6 +13,8 @@ layer input and the factors only (``x·A`` first, then ``·B``); the dense
   layer output;
 * ``layer_input``: LoRA dropout and the factors' dtype;
 * ``conv``, ``gather``: the terms of a convolution and of an embedding lookup;
+* ``ragged``: routed experts, the term of ``jax.lax.ragged_dot`` (two grouped
+  matmuls with the model's group sizes) and its custom VJP;
 * ``plain``: plain LoRA's rules (``jlora.Variant``'s defaults) from the above.
 
 Everything here reads the interpreter only through ``jlora._apply.context``.

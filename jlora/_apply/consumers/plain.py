@@ -1,6 +1,6 @@
 """Plain LoRA where its kernel is consumed: ``Variant``'s default rules, and the pieces variants reuse.
 
-``dot``, ``conv`` and ``gather`` are plain LoRA's consumer rules; this module
+``dot``, ``conv``, ``gather`` and ``ragged_dot`` (routed experts) are plain LoRA's consumer rules; this module
 registers them as the defaults of ``jlora.Variant.dot``/``conv``/``gather`` when
 it is imported (``jlora._variant.register_plain_rules``). ``lora_dot_term`` is
 the plain two-step contraction of a matmul (dropout, optional fused expansion,
@@ -16,6 +16,7 @@ from jlora._apply.consumers.custom_vjp import add_term, lowrank_term
 from jlora._apply.consumers.gather import gather_term
 from jlora._apply.consumers.layer_input import lora_input
 from jlora._apply.consumers.plans import DotPlan, factor_order
+from jlora._apply.consumers.ragged import RaggedPlan, ragged_term
 from jlora._apply.context import ConsumerContext, fused_for
 from jlora._apply.lowrank import LowRank
 from jlora._variant import register_plain_rules
@@ -71,4 +72,9 @@ def gather(ctx: ConsumerContext, v: LowRank, indices, base_out, params: dict):
   return base_out + gather_term(v, indices, params=params, out_dtype=base_out.dtype)
 
 
-register_plain_rules(dot=dot, conv=conv, gather=gather)
+def ragged_dot(ctx: ConsumerContext, v: LowRank, x, group_sizes, base_out, plan: RaggedPlan):
+  """``base_out + scale·ragged_dot(ragged_dot(x, A), B)`` (routed experts), the sum materialised once."""
+  return add_term(ctx, v, base_out, ragged_term(ctx, v, x, group_sizes, plan, scale=v.source.spec.scale))
+
+
+register_plain_rules(dot=dot, conv=conv, gather=gather, ragged_dot=ragged_dot)

@@ -11,6 +11,7 @@ as a tied output projection; any other use is an ``OrientationError``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from jlora._apply.lowrank import Label, LowRank, new_label, prov
@@ -49,10 +50,13 @@ class DotPlan:
   precision: Any
   out_dtype: Any
   recompute: Recompute | None = None  # how the backward pass may rebuild the input instead of saving it
+  # ``rows(ids)``: per-example ids at every element of the input, followed back through data movement
+  # (``jlora._apply.rows``; ``None`` when they cannot be): for a bank on an input that flattened its batch.
+  rows: Callable[[Any], Any] | None = None
 
 
 def dot_plan(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out_dtype,
-             recompute: Recompute | None = None) -> DotPlan:
+             recompute: Recompute | None = None, rows: Callable[[Any], Any] | None = None) -> DotPlan:
   """Labels the input and the result of ``dot_general(x, v)`` (or ``(v, x)``).
 
   ``recompute`` (from the interpreter) says how the backward pass can rebuild ``x``
@@ -73,7 +77,7 @@ def dot_plan(v: LowRank, x, *, v_is_lhs: bool, dimension_numbers, precision, out
   v_free = [v.labels[i] for i in range(len(v.labels)) if i not in vc and i not in vb]
   out_labels = batch + (v_free + x_free if v_is_lhs else x_free + v_free)
   first = orientation(v, frozenset(v.labels[i] for i in vc), "contracted")
-  return DotPlan(v_is_lhs, tuple(x_labels), tuple(out_labels), first, precision, out_dtype, recompute)
+  return DotPlan(v_is_lhs, tuple(x_labels), tuple(out_labels), first, precision, out_dtype, recompute, rows)
 
 
 def factor_order(v: LowRank, plan: DotPlan, factors: tuple[Any, Any] | None = None) -> tuple[Any, tuple, Any, tuple]:

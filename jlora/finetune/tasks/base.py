@@ -149,6 +149,13 @@ class Task(abc.ABC):
     return ""
 
 
+def named_jit(name: str, fn: Callable) -> Callable:
+  """``jax.jit(fn)`` under ``name``, so that JAX's compile logs and profiles say which program it is
+  (``Compiling jit(eval_batch)``) rather than ``jit(<lambda>)``."""
+  fn.__name__ = fn.__qualname__ = name
+  return jax.jit(fn)
+
+
 def holdout(examples: list, data_options: DataOptions, seed: int, *, at_least: int = 1,
             contiguous: bool = False) -> tuple[list, list]:
   """``(train, held_out)``: ``--eval-fraction`` of ``--data`` held out (at least ``at_least`` examples), at

@@ -35,7 +35,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -46,7 +45,7 @@ from jlora.data._load import _read as read_examples
 from jlora.data._records import _Bad, _extras, _messages, _object
 from jlora.finetune import rewards as rewards_lib
 from jlora.finetune.cli import UserError
-from jlora.finetune.tasks.base import Params, Task, TaskContext
+from jlora.finetune.tasks.base import Params, Task, TaskContext, named_jit
 from jlora.finetune.tasks.sft import check_max_seq_len
 from jlora.objectives._rollout import local_rows, place_rows
 
@@ -220,9 +219,9 @@ class GRPO(Task):
     self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
     self.mesh = _mesh_of(loaded.params)
     model, chunk, temp = loaded.model, obj.logits_chunk, obj.temperature
-    self._logps_pass = jax.jit(lambda p, ids, comp, attn: objectives.model_token_logprobs(
+    self._logps_pass = named_jit("policy_logps", lambda p, ids, comp, attn: objectives.model_token_logprobs(
         model, p, ids, comp, attention_mask=attn, chunk_size=chunk, temperature=temp))
-    self._ref_pass = jax.jit(lambda p, ids, comp, attn: objectives.model_token_logprobs(
+    self._ref_pass = named_jit("reference_logps", lambda p, ids, comp, attn: objectives.model_token_logprobs(
         model, p, ids, comp, attention_mask=attn, chunk_size=chunk, temperature=temp, reference=True))
     self.n_em = len(self.eval) if self.eval_options.eval_exact_match == 0 else max(
         self.eval_options.eval_exact_match, 0)

@@ -27,7 +27,7 @@ import jlora.data
 from jlora import objectives
 from jlora.finetune.cli import UserError
 from jlora.finetune.options import BatchOptions, DataOptions, EvalOptions, ObjectiveOptions
-from jlora.finetune.tasks.base import Params, Task, TaskContext, holdout
+from jlora.finetune.tasks.base import Params, Task, TaskContext, holdout, named_jit
 from jlora.finetune.tasks.sft import check_max_seq_len, exact_match
 
 
@@ -81,9 +81,9 @@ class _Pairs(Task):
                                                                                   0)
     self.em_examples = [jlora.data.Example(e.where, _as_sft(e.record)) for e in eval_examples[:n_em]]
     self.n_train = len(examples)
-    self._eval_batch = jax.jit(lambda params, mb: self._loss(params, mb, None,
+    self._eval_batch = named_jit("eval_batch", lambda params, mb: self._loss(params, mb, None,
                                                              reference_in_batch="ref_chosen_logps" in mb))
-    self._ref_pass = jax.jit(lambda params, mb: objectives.preference_logps(
+    self._ref_pass = named_jit("reference_logps", lambda params, mb: objectives.preference_logps(
         ctx.loaded.model, params, mb, reference=False, chunk_size=self.objective.logits_chunk))
 
   def start(self, params: Params) -> None:
@@ -283,8 +283,8 @@ class KTO(Task):
                                       process_index=ctx.process_index, process_count=ctx.process_count)
     self.n_train = len(examples)
     model, chunk = ctx.loaded.model, self.objective.logits_chunk
-    self._eval_batch = jax.jit(lambda params, mb: self._loss(params, mb, None))
-    self._ref_pass = jax.jit(lambda params, mb: objectives.kto_logps(model, params, mb, chunk_size=chunk))
+    self._eval_batch = named_jit("eval_batch", lambda params, mb: self._loss(params, mb, None))
+    self._ref_pass = named_jit("reference_logps", lambda params, mb: objectives.kto_logps(model, params, mb, chunk_size=chunk))
 
   @staticmethod
   def _with_kl(data: jlora.data.TokenizedUnpaired, size: int) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import jlora
 import jlora.data
 from jlora import objectives
 from jlora.finetune.cli import UserError
-from jlora.finetune.tasks.base import Params, Task, TaskContext, holdout
+from jlora.finetune.tasks.base import Params, Task, TaskContext, holdout, named_jit
 
 
 class SFT(Task):
@@ -77,7 +77,7 @@ class SFT(Task):
                                                                                   0)
     self.em_examples = eval_examples[:n_em]
     self.n_train = len(examples)
-    self._eval_batch = jax.jit(lambda params, mb: self.loss(params, mb, None)[:2])
+    self._eval_batch = named_jit("eval_batch", lambda params, mb: self.loss(params, mb, None)[:2])
 
   @property
   def steps_per_epoch(self) -> int:

@@ -4,7 +4,7 @@ The commands are read from README.md, docs/*.md and tpu_scripts/README.md (```ba
 inline code) and from the usage lines of the benchmarks' and examples' docstrings: those that
 start with ``python -m jlora.``, ``jlora-finetune``, ``jlora-generate``, ``python benchmarks/``,
 ``python examples/`` or ``python tpu_scripts/``. Inline flags (such as ``--shapes mha_t256 --rounds 5``)
-that follow a benchmark's or an example's command in the same section belong to it.
+that follow a benchmark's or an example's command in the same section (or list item) belong to it.
 
 * ``COVERAGE`` maps each program to the test files that run it end to end; a documented program
   missing there fails with the file and line that show it, and each listed test file must
@@ -106,14 +106,15 @@ def _commands(text: str, where: str) -> list[Command]:
 
 def _markdown(doc: str) -> list[tuple[str, int, str]]:
   """``(kind, line, text)`` units of a markdown file: "heading", "bash" (one logical shell line: continuations
-  joined) and "text" (a paragraph, whose inline code may run over a line break)."""
+  joined), "text" (a paragraph, whose inline code may run over a line break) and "item" (a list item)."""
   with open(os.path.join(REPO, doc)) as f:
     lines = f.read().splitlines()
   units, fence, para, i = [], None, [], 0
 
   def flush():
     if para:
-      units.append(("text", para[0][0], "\n".join(t for _, t in para)))
+      kind = "item" if re.match(r"\s*([*-]|\d+\.) ", para[0][1]) else "text"
+      units.append((kind, para[0][0], "\n".join(t for _, t in para)))
       para.clear()
 
   while i < len(lines):
@@ -130,6 +131,8 @@ def _markdown(doc: str) -> list[tuple[str, int, str]]:
       flush()
       units.append(("heading", start, line))
     elif fence is None and line.strip():
+      if re.match(r"\s*([*-]|\d+\.) ", line):  # a list item starts a paragraph of its own
+        flush()
       para.append((start, line))
     elif fence is None:
       flush()
@@ -141,9 +144,9 @@ def _markdown(doc: str) -> list[tuple[str, int, str]]:
 def documented_commands() -> list[Command]:
   found: list[Command] = []
   for doc in DOCS:
-    script = None  # the section's last benchmark or example: inline flags that follow belong to it
+    script = None  # the section's or list item's last benchmark or example: inline flags that follow it there belong to it
     for kind, line, text in _markdown(doc):
-      if kind == "heading":  # a new section (its title may show a command too)
+      if kind in ("heading", "item"):  # a new section or list item (a title may show a command too)
         script = None
       spans = [(text, 0)] if kind == "bash" else [(m.group(1).replace("\n", " "), text[:m.start()].count("\n"))
                                                   for m in re.finditer(r"`([^`]+)`", text)]

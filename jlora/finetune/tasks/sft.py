@@ -188,16 +188,14 @@ def router_aux_coef(option: float | None, loaded: Any, params: Params) -> tuple[
     return 0.0, ""
   kinds = {kind: n for kind, n, _ in jlora.count(params).kinds}
   routers = kinds.get(ROUTER, 0)
-  if option is None:
-    if not routers or not cfg.router_aux_loss_coef:
-      return 0.0, ""
-    coef, source = cfg.router_aux_loss_coef, f"config.json's router_aux_loss_coef, as {routers} router adapter" + (
-        "s train" if routers > 1 else " trains")
-  else:
-    coef, source = float(option), "--router-aux-loss-coef"
-  return coef, (f"loss: + {coef:g} x load-balancing loss of the routers ({source}; --router-aux-loss-coef 0 "
-                "turns it off)" if option is None else f"loss: + {coef:g} x load-balancing loss of the routers "
-                f"({source})")
+  line = "loss: + {:g} x load-balancing loss of the routers ({})"
+  if option is not None:
+    return float(option), line.format(option, "--router-aux-loss-coef")
+  if not routers or not cfg.router_aux_loss_coef:
+    return 0.0, ""
+  trains = f"{routers} router adapter" + ("s train" if routers > 1 else " trains")
+  return cfg.router_aux_loss_coef, line.format(cfg.router_aux_loss_coef, f"config.json's router_aux_loss_coef, as "
+                                                f"{trains}; --router-aux-loss-coef 0 turns it off")
 
 
 def check_max_seq_len(max_seq_len: int, loaded: Any) -> None:

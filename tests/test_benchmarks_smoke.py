@@ -10,7 +10,6 @@ the right sign; at these shapes they mean nothing else.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

@@ -303,7 +303,9 @@ class Decoder:
       'model.layers.1.self_attn.v_proj'
     """
     return ModuleMap(to_module=functools.partial(module_name, self.config),
-                     tied_embedding="embed_tokens/embedding" if self.config.tie_embeddings else None)
+                     tied_embedding="embed_tokens/embedding" if self.config.tie_embeddings else None,
+                     # gpt-oss: one 3-D parameter per layer for all experts (PEFT's target_parameters)
+                     fused_experts=r"layers/mlp/experts/.*/kernel" if self.config.expert_mlp == "gpt_oss" else None)
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
     """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated).

@@ -50,6 +50,8 @@ MOE = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
                                          norm_topk_prob=True)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=8)),
 }
 IDS = np.array([[5, 17, 300, 42, 9, 77, 801, 3, 64, 11]])
 
@@ -58,7 +60,7 @@ def make_moe_dir(root, family: str) -> str:
   """A tiny random transformers checkpoint of ``family`` (safetensors) with the bundled tokenizer."""
   d = os.path.join(str(root), family)
   cls, extra = MOE[family]
-  cfg = getattr(transformers, cls)(**COMMON, **extra)
+  cfg = getattr(transformers, cls)(**{**COMMON, **extra})
   torch.manual_seed(0)
   transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d, safe_serialization=True)
   for f in TOKENIZER_FILES:
@@ -110,8 +112,15 @@ def test_the_run_adapts_routed_and_shared_experts_and_never_the_router(moe_run):
 
 
 def test_merged_export_loads_in_transformers_and_peft_export_in_peft_with_logits_parity(moe_run, moe_dir):
-  peft = pytest.importorskip("peft")
   out, _ = moe_run
+  _check_exports(out, moe_dir)
+  cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+  assert any(".mlp.experts.3.down_proj" in m for m in cfg["target_modules"])
+  assert not any(m.endswith((".mlp.gate", "shared_expert_gate")) for m in cfg["target_modules"])
+
+
+def _check_exports(out, moe_dir):
+  peft = pytest.importorskip("peft")
   loaded = model_lib.load(moe_dir)
   lp = jlora.load_adapter(str(out / "adapter"), loaded.params)
   ids = jnp.asarray(IDS)
@@ -126,9 +135,6 @@ def test_merged_export_loads_in_transformers_and_peft_export_in_peft_with_logits
   assert delta > 1e-3  # the adapters changed the logits: the parity below is not the base's
   np.testing.assert_allclose(got_merged, want, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(got_peft, want, atol=1e-5, rtol=1e-5)
-  cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
-  assert any(".mlp.experts.3.down_proj" in m for m in cfg["target_modules"])
-  assert not any(m.endswith((".mlp.gate", "shared_expert_gate")) for m in cfg["target_modules"])
 
 
 def test_resume_on_an_expert_parallel_mesh_matches_the_uninterrupted_run(moe_run, moe_dir, data, tmp_path):
@@ -249,7 +255,33 @@ def test_qlora_experts_in_sorted_dispatch_equal_the_dense_dispatch_and_the_dequa
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-3, atol=1e-6), got[1], other[1])
 
 
+def test_the_gpt_oss_module_map_exports_its_experts_as_target_parameters():
+  import jlora.models
+  model = jlora.models.Decoder(jlora.models.ModelConfig.from_hf({
+      "model_type": "gpt_oss", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 32, "head_dim": 16,
+      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+      "num_experts_per_tok": 2}))
+  mm = model.module_map
+  assert mm.is_fused("layers/mlp/experts/gate_up_proj/kernel") and not mm.is_fused("layers/self_attn/q_proj/kernel")
+  assert mm.to_module("layers/mlp/experts/gate_up_proj/kernel", (1,)) == "model.layers.1.mlp.experts.gate_up_proj"
+
+
 # -- slow duplicates ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpt_oss_run_exports_target_parameters_and_a_merged_checkpoint_with_logits_parity(data, tmp_path):
+  """gpt-oss's experts are two 3-D parameters per layer: the PEFT export writes them as
+  target_parameters (PEFT 0.21's layout for transformers 4.57, recorded), the merged one as the
+  fused gate_up_proj / down_proj."""
+  model_dir = make_moe_dir(tmp_path, "gpt_oss")
+  out = tmp_path / "run"
+  res = finetune(*args(model_dir, out, data, "--save-merged", steps=2))
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  assert "PEFT export: fused experts in PEFT 0.21's layout" in res.stdout and "export skipped" not in res.stdout
+  cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+  assert "model.layers.1.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+  _check_exports(out, model_dir)
 
 
 @pytest.mark.slow

@@ -11,10 +11,15 @@ count, with fresh functions each time (no cache hits), alternating the steps:
   0.1.8's LoRA (the peer, which adds ``x·A·B`` inside each Flax module and lets JAX
   differentiate it: the plainest LoRA program) when installed;
 * ``scanned``: ``jlora.models``' decoder of the same shape (layers under ``jax.lax.scan``):
-  full fine-tuning and jlora.
+  full fine-tuning and jlora;
+* ``moe``: ``jlora.models``' Qwen3-MoE decoder of the same attention shape, every layer 8
+  routed experts (top-2, expert width 344) in sorted dispatch (one ``jax.lax.ragged_dot`` per
+  expert projection, the TPU/GPU path), LoRA on attention and the routed experts (never the
+  router): full fine-tuning and jlora. Written to ``compile_time_moe.json`` when run alone.
 
   python benchmarks/compile_time.py                 # 4, 16 and 32 layers, 2 repeats (minimum kept)
   python benchmarks/compile_time.py --layers 4,16 --repeats 1 --models unrolled
+  python benchmarks/compile_time.py --models moe --layers 4,16,32 --repeats 3
   python benchmarks/compile_time.py --smoke         # tiny model, 1 layer, 1 repeat: does it still run?
 
 Results go to benchmarks/results/compile_time.json (--smoke: nowhere, unless --out).
@@ -82,12 +87,20 @@ def build(layers: int, *, llama: dict = LLAMA, batch: int = 4, seq: int = 256):
   return {"full": make_full, "jlora": make_lora, "jlora_autodiff": lambda: make_lora(False), "qwix": make_qwix}
 
 
-def build_scanned(layers: int, *, llama: dict = LLAMA, batch: int = 4, seq: int = 256):
-  """The same steps on ``jlora.models``' scanned decoder, from abstract shapes (nothing runs)."""
+def build_scanned(layers: int, *, llama: dict = LLAMA, batch: int = 4, seq: int = 256, moe: bool = False):
+  """The same steps on ``jlora.models``' scanned decoder, from abstract shapes (nothing runs).
+
+  ``moe``: a Qwen3-MoE decoder (8 routed experts of width ``intermediate_size // 4``, top-2, every
+  layer sparse) in sorted (``ragged_dot``) dispatch.
+  """
   import jlora.models
 
-  model = jlora.models.Decoder(jlora.models.ModelConfig.from_hf(
-      {"model_type": "llama", **llama, "num_hidden_layers": layers, "tie_word_embeddings": False}))
+  hf = {"model_type": "llama", **llama, "num_hidden_layers": layers, "tie_word_embeddings": False}
+  if moe:
+    hf.update(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+              moe_intermediate_size=llama["intermediate_size"] // 4,
+              head_dim=llama["hidden_size"] // llama["num_attention_heads"])
+  model = jlora.models.Decoder(jlora.models.ModelConfig.from_hf(hf), moe_dispatch="ragged" if moe else "auto")
   shapes = model.shapes()
   ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   tx = optax.adamw(1e-4, weight_decay=0.01)
@@ -138,7 +151,8 @@ def main(argv=None):
   ap.add_argument("--layers", default=None, help="comma-separated layer counts (default: 4,16,32; with --smoke: 1)")
   ap.add_argument("--repeats", type=int, default=None,
                   help="measurements per step and layer count (minimum kept; default: 2, with --smoke: 1)")
-  ap.add_argument("--models", default="unrolled,scanned", help="unrolled (HF Flax Llama) and/or scanned (jlora.models)")
+  ap.add_argument("--models", default="unrolled,scanned",
+                  help="unrolled (HF Flax Llama), scanned (jlora.models) and/or moe (jlora.models' Qwen3-MoE)")
   add_smoke_flag(ap)
   args = ap.parse_args(argv)
   layer_counts = args.layers or ("1" if args.smoke else "4,16,32")
@@ -155,7 +169,7 @@ def main(argv=None):
   for kind in [k for k in args.models.split(",") if k]:
     result[kind] = {}
     for layers in [int(x) for x in layer_counts.split(",") if x]:
-      makers = build(layers, **shape) if kind == "unrolled" else build_scanned(layers, **shape)
+      makers = build(layers, **shape) if kind == "unrolled" else build_scanned(layers, **shape, moe=kind == "moe")
       if kind == "unrolled" and not have_qwix:
         makers.pop("qwix")
         result["qwix"] = "not installed (pip install qwix==0.1.8)"
@@ -174,7 +188,8 @@ def main(argv=None):
       print(f"{kind}, {layers} layers: " + ", ".join(f"{n} {best[n]['total_s']:.1f}s" for n in makers)
             + ", " + ", ".join(f"{k} {v:.2f}" for k, v in best.items() if k.endswith(("_over_full", "_over_qwix"))),
             flush=True)
-  write_result("compile_time", result, args=args)
+  kinds = [k for k in args.models.split(",") if k]
+  write_result("compile_time_moe" if kinds == ["moe"] else "compile_time", result, args=args)
 
 
 if __name__ == "__main__":

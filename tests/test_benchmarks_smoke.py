@@ -10,7 +10,6 @@ the right sign; at these shapes they mean nothing else.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -26,7 +25,8 @@ def group(tmp_path_factory):
   steps = [["benchmarks/train_step.py", "--smoke", "--out", str(out / "train_step.json")],
            ["benchmarks/dora_step.py", "--smoke", "--out", str(out / "dora_step.json")],
            ["benchmarks/qlora.py", "--smoke", "--out", str(out / "qlora.json")],
-           ["benchmarks/compile_time.py", "--smoke", "--out", str(out / "compile_time.json")],
+           ["benchmarks/compile_time.py", "--smoke", "--models", "unrolled,scanned,moe", "--out",
+            str(out / "compile_time.json")],
            ["benchmarks/forward.py", "--smoke"]]  # no --out: prints its result, writes no file
   run = run_group(steps, env=smoke_env(torch=True))
   print(f"benchmarks smoke group: {run.summary()}")
@@ -87,14 +87,15 @@ def test_qlora(group):
 def test_compile_time(group):
   run = group.ok("benchmarks/compile_time.py")
   result = load_result(group.out / "compile_time.json")
-  for kind, steps in (("unrolled", ("full", "jlora", "jlora_autodiff")), ("scanned", ("full", "jlora"))):
+  for kind, steps in (("unrolled", ("full", "jlora", "jlora_autodiff")), ("scanned", ("full", "jlora")),
+                      ("moe", ("full", "jlora"))):
     best = result[kind]["1"]
     for step in steps:
       assert len(best["all_runs"][step]) == 1
       for part in ("trace_s", "lower_s", "compile_s", "total_s"):
         finite(best[step][part])
     finite(best["jlora_over_full"])
-  assert "unrolled, 1 layers: full" in run.stdout and "scanned, 1 layers: full" in run.stdout
+  assert all(f"{kind}, 1 layers: full" in run.stdout for kind in ("unrolled", "scanned", "moe"))
 
 
 def test_forward_without_out_writes_nothing(group):

@@ -59,6 +59,7 @@ _MULTI = _Section("multi-host (see docs/scale_out.md)")
 _QLORA = _Section("QLoRA: a 4-bit base (see docs/quant.md)")
 _OBJECTIVE = _Section("preference tuning: --task dpo, simpo, orpo, kto (see docs/objectives.md)")
 _RL = _Section("reinforcement learning: --task grpo (see docs/objectives.md)")
+_MOE = _Section("mixture of experts (see docs/moe.md)")
 
 _SCHEDULES = ("cosine", "linear", "constant")
 _SHARDINGS = ("fsdp", "tp", "fsdp_tp", "replicated")
@@ -197,6 +198,13 @@ class TrainConfig:
                                        "[batch, tokens, vocab] logits are never materialised on the native "
                                        "decoder).")
 
+  router_aux_loss_coef: float | None = _MOE(
+      None, "--task sft on a mixture of experts: weight of the load-balancing loss (transformers' "
+            "router_aux_loss_coef) added to the training loss. Unset: config.json's router_aux_loss_coef when "
+            "a router is trained (named in --targets), else off; a value > 0 adds it even with the routers "
+            "frozen (the loss still reaches the adapters that feed them); 0 = off.", float,
+      unset="config.json's when a router trains")
+
   num_generations: int = _RL(8, "Completions sampled per prompt (a group), at least 2. --batch-size counts "
                                 "completions, as TRL's per_device_train_batch_size: each step generates "
                                 "batch_size * grad_accum of them, a multiple of num_generations.")
@@ -321,6 +329,10 @@ class TrainConfig:
     if self.beta is not None:
       positive("beta", allow_zero=self.task == "grpo")
     positive("simpo_gamma", allow_zero=True)
+    if self.router_aux_loss_coef is not None:
+      positive("router_aux_loss_coef", allow_zero=True)
+      if self.router_aux_loss_coef > 0 and self.task != "sft":
+        raise OptionError("router_aux_loss_coef", f"applies to --task sft only; got --task {self.task}")
     positive("cpo_alpha", allow_zero=True)
     if not 0.0 <= self.label_smoothing < 0.5:
       raise OptionError("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing!r}")

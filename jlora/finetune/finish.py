@@ -27,7 +27,17 @@ def _dir_bytes(path: str) -> int:
 
 
 def _export_peft(directory: str, lora_params, run: Run, base: str, say, **kwargs) -> str | None:
-  """The adapter in Hugging Face PEFT format too (for PyTorch PEFT / vLLM), when expressible."""
+  """The adapter in Hugging Face PEFT format too (for PyTorch PEFT / vLLM), when expressible.
+
+  Fused 3-D experts (gpt-oss) are written in the layout PEFT 0.21 on transformers 4.x reads
+  (``fused_layout="peft_swapped"``, recorded in the file); vLLM and transformers 5 read
+  ``"input_side"``, which ``jlora.peft.save`` writes from the same adapter (docs/moe.md).
+  """
+  fused = run.loaded.module_map.fused_experts
+  if fused and any(run.loaded.module_map.is_fused(p) for p in jlora._checkpoint.adapter_weights(lora_params)):
+    kwargs = {**kwargs, "fused_layout": "peft_swapped"}
+    say("PEFT export: fused experts in PEFT 0.21's layout for transformers 4.x (fused_layout 'peft_swapped'); "
+        "for vLLM or transformers 5 write fused_layout='input_side' with jlora.peft.save")
   try:
     return peft_lib.save(directory, lora_params, base_model_name_or_path=base, module_map=run.loaded.module_map,
                          base_fingerprint=run.fingerprint, **kwargs)

@@ -18,7 +18,8 @@ group                 options                                              read 
                       max_seq_len, pack, show_example
 ``ObjectiveOptions``  beta, loss_type, label_smoothing, simpo_gamma,       the task
                       cpo_alpha, kto_*_weight, reference,
-                      precompute_reference, logits_chunk; GRPO's:
+                      precompute_reference, logits_chunk,
+                      router_aux_loss_coef; GRPO's:
                       num_generations, reward, scale_rewards,
                       num_iterations, epsilon, epsilon_high,
                       importance_sampling_level, dynamic_sampling,
@@ -144,6 +145,7 @@ class ObjectiveOptions:
   reference: str
   precompute_reference: bool
   logits_chunk: int
+  router_aux_loss_coef: float | None  # None: config.json's when a router trains (SFT)
   # GRPO (--task grpo): rollouts, rewards, the clipped objective
   num_generations: int
   reward: tuple[str, ...]

@@ -303,7 +303,9 @@ class Decoder:
       'model.layers.1.self_attn.v_proj'
     """
     return ModuleMap(to_module=functools.partial(module_name, self.config),
-                     tied_embedding="embed_tokens/embedding" if self.config.tie_embeddings else None)
+                     tied_embedding="embed_tokens/embedding" if self.config.tie_embeddings else None,
+                     # gpt-oss: one 3-D parameter per layer for all experts (PEFT's target_parameters)
+                     fused_experts=r"layers/mlp/experts/.*/kernel" if self.config.expert_mlp == "gpt_oss" else None)
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
     """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated).
@@ -357,7 +359,8 @@ class Decoder:
     return out if len(out) > 1 else logits
 
   def hidden_states(self, params: Params, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
-                    positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+                    positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                    return_router_logits: bool = False):
     """The last hidden states ``(B, T, hidden_size)`` after the final norm: the head's input.
 
     ``model.head(params)(model.hidden_states(params, ids))`` is ``model(params, ids)``; the
@@ -370,6 +373,8 @@ class Decoder:
       attention_mask: ``(B, T)``, 1 for real tokens, 0 for padding.
       positions: ``(B, T)`` RoPE positions (default as in ``__call__``).
       segment_ids: ``(B, T)`` ids of packed examples.
+      return_router_logits: also return the router logits ``(L_moe, B, T, E)`` (MoE models
+        only), as ``__call__`` does: ``(hidden, router_logits)``.
 
     Returns:
       ``(B, T, hidden_size)`` in the parameters' dtype.
@@ -385,8 +390,9 @@ class Decoder:
       >>> h.shape, bool((model.head(params)(h) == model(params, jnp.array([[1, 2, 3]]))).all())
       ((1, 3, 32), True)
     """
-    return self._trunk(params, input_ids, attention_mask=attention_mask, positions=positions,
-                       segment_ids=segment_ids, cache=None, return_router_logits=False)[0]
+    x, _, router_logits = self._trunk(params, input_ids, attention_mask=attention_mask, positions=positions,
+                                      segment_ids=segment_ids, cache=None, return_router_logits=return_router_logits)
+    return (x, router_logits) if return_router_logits else x
 
   def head(self, params: Params) -> Head:
     """The output projection: ``lm_head`` (``(D, V)``) or the tied embedding table, and the soft-cap.

@@ -13,7 +13,9 @@ import optax
 import jlora
 import jlora.data
 from jlora import objectives
+from jlora._targets import ROUTER
 from jlora.finetune.cli import UserError
+from jlora.models import load_balancing_loss
 from jlora.finetune.tasks.base import Params, Task, TaskContext, holdout, named_jit
 
 
@@ -26,6 +28,8 @@ class SFT(Task):
   """
 
   name = "sft"
+  shown = ("aux_loss",)  # the load-balancing loss, when it is added (--router-aux-loss-coef)
+  aux_coef = 0.0  # its weight in the training loss (``start``)
 
   def _read(self, option_path: str, option: str) -> tuple[list[jlora.data.Example], list[str]]:
     return jlora.data.read_sft(option_path, option=option, skip_bad=self.data_options.skip_bad_lines)
@@ -77,7 +81,12 @@ class SFT(Task):
                                                                                   0)
     self.em_examples = eval_examples[:n_em]
     self.n_train = len(examples)
-    self._eval_batch = named_jit("eval_batch", lambda params, mb: self.loss(params, mb, None)[:2])
+    self._eval_batch = named_jit("eval_batch", lambda params, mb: self._loss(params, mb, None, aux=False)[:2])
+
+  def start(self, params: Params) -> None:
+    self.aux_coef, line = router_aux_coef(self.objective.router_aux_loss_coef, self.ctx.loaded, params)
+    if line:
+      self.ctx.say(line)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -93,7 +102,16 @@ class SFT(Task):
     On the native decoder the output layer runs in blocks of ``--logits-chunk`` positions, only
     where a token is trained (``jlora.objectives.token_logprobs``): no ``[batch, tokens, vocab]``
     logits. transformers' Flax classes give only logits: those are materialised.
+
+    On a mixture of experts with ``aux_coef`` > 0 (``start``), ``aux_coef`` times the
+    load-balancing loss of the micro-batch's real tokens is added per trained token, so
+    that the step's mean is transformers' ``loss + router_aux_loss_coef * aux_loss``
+    (metric ``aux_loss``). Held-out ``eval_loss`` stays the cross-entropy alone.
     """
+    return self._loss(params, batch, key, aux=self.aux_coef > 0)
+
+  def _loss(self, params: Params, batch: dict[str, jax.Array], key: jax.Array | None, *, aux: bool
+            ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     model = self.ctx.loaded.model
     if not hasattr(model, "hidden_states"):
       logits = self._wrapped(params, batch["ids"], batch["attention_mask"], batch.get("segment_ids"),
@@ -103,11 +121,16 @@ class SFT(Task):
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["ids"][:, 1:])
       return jnp.sum(ce * mask), jnp.sum(mask), {}
     kwargs = {} if key is None else {"lora_rng": key}
-    hidden = jlora.wrap(model.hidden_states)(params, batch["ids"], attention_mask=batch["attention_mask"],
-                                             segment_ids=batch.get("segment_ids"), **kwargs)
+    out = jlora.wrap(model.hidden_states)(params, batch["ids"], attention_mask=batch["attention_mask"],
+                                          segment_ids=batch.get("segment_ids"), return_router_logits=aux, **kwargs)
+    hidden, router_logits = out if aux else (out, None)
     labels = objectives.next_token_labels(batch["ids"], batch["loss_mask"])
     logps = objectives.token_logprobs(hidden, model.head(params), labels, chunk_size=self.objective.logits_chunk)
-    return -jnp.sum(logps), jnp.sum(batch["loss_mask"][:, 1:]), {}
+    total, count = -jnp.sum(logps), jnp.sum(batch["loss_mask"][:, 1:])
+    if not aux:
+      return total, count, {}
+    lb = load_balancing_loss(router_logits, model.config.num_experts_per_tok, batch["attention_mask"])
+    return total + self.aux_coef * lb * count, count, {"aux_loss": lb}
 
   def evaluate(self, params: Params) -> dict[str, float]:
     data, size = self.eval, self.batch_options.batch_size
@@ -143,6 +166,36 @@ class SFT(Task):
         h.update(np.ascontiguousarray(a).tobytes())
         h.update(str(a.shape).encode())
     return h.hexdigest()[:16]
+
+
+def router_aux_coef(option: float | None, loaded: Any, params: Params) -> tuple[float, str]:
+  """The weight of the load-balancing loss in the SFT loss, and the line that says so (empty: none).
+
+  Unset (``None``): the model's ``router_aux_loss_coef`` (config.json, as transformers) when
+  an adapter sits on a router, else 0, as a frozen router's balance is not being trained.
+  A value > 0 is used whatever trains; 0 turns it off.
+
+  Raises:
+    UserError: a value > 0 for a model without mixture-of-experts layers.
+  """
+  model = loaded.model
+  cfg = getattr(model, "config", None)
+  moe = loaded.native and bool(getattr(cfg, "is_moe", False))
+  if option is not None and option > 0 and not moe:
+    raise UserError(f"--router-aux-loss-coef {option:g}: {loaded.model_id} ({loaded.model_type}) has no "
+                    "mixture-of-experts layers; drop the option")
+  if not moe or option == 0:
+    return 0.0, ""
+  kinds = {kind: n for kind, n, _ in jlora.count(params).kinds}
+  routers = kinds.get(ROUTER, 0)
+  line = "loss: + {:g} x load-balancing loss of the routers ({})"
+  if option is not None:
+    return float(option), line.format(option, "--router-aux-loss-coef")
+  if not routers or not cfg.router_aux_loss_coef:
+    return 0.0, ""
+  trains = f"{routers} router adapter" + ("s train" if routers > 1 else " trains")
+  return cfg.router_aux_loss_coef, line.format(cfg.router_aux_loss_coef, f"config.json's router_aux_loss_coef, as "
+                                                f"{trains}; --router-aux-loss-coef 0 turns it off")
 
 
 def check_max_seq_len(max_seq_len: int, loaded: Any) -> None:

@@ -14,6 +14,7 @@ import pytest
 import jlora
 from jlora.finetune import TrainConfig, UserError, run
 from jlora.finetune.options import ASSETS, GROUPS
+from jlora.finetune.rewards import rewards_for, score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = f"{ASSETS}/data/reverse_words.train.jsonl"
@@ -99,10 +100,17 @@ def test_dynamic_sampling_drops_groups_without_signal(prompts, tmp_path):
     ("raises", r"--reward grpo_rewards_example:raises raised KeyError: 'answer_key'"),
     ("missing", r"--reward grpo_rewards_example:missing: grpo_rewards_example has no function 'missing'"),
 ])
-def test_bad_rewards_are_errors_naming_them(prompts, tmp_path, on_path, reward, match):
+def test_bad_rewards_are_errors_naming_them(on_path, reward, match):
+  """What the command calls on each rollout (loaded once, then checked on every call)."""
   with pytest.raises(UserError, match=match):
-    _run(tmp_path / reward, prompts, reward=[f"grpo_rewards_example:{reward}"], steps=1, eval_exact_match=-1)
-  assert not (tmp_path / reward).exists()  # refused before training: nothing left behind
+    rs = rewards_for([f"grpo_rewards_example:{reward}"], max_completion_length=8)
+    score(rs, ["Q"] * 8, ["a b"] * 8, [[1, 2]] * 8, {"completion": ["a b"] * 8})
+
+
+def test_a_bad_reward_stops_the_command_before_training(prompts, tmp_path, on_path):
+  with pytest.raises(UserError, match=r"--reward grpo_rewards_example:raises raised KeyError: 'answer_key'"):
+    _run(tmp_path / "run", prompts, reward=["grpo_rewards_example:raises"], steps=1, eval_exact_match=-1)
+  assert not (tmp_path / "run").exists()  # refused before training: nothing left behind
 
 
 def test_options_and_their_errors(prompts, tmp_path):

@@ -45,13 +45,24 @@ RUNS = {
     "dpo-from-base": ["--task", "dpo", "--data", PAIRS[0], "--eval-data", PAIRS[1], "--epochs", "3", "--lr", "4e-3"],
 }
 SMOKE = ["--steps", "2", "--batch-size", "4", "--rank", "2", "--eval-exact-match", "4", "--max-new-tokens", "4"]
+# --smoke leaves out the run from the base (the DPO path of the run from the SFT adapter, without it).
+SMOKE_RUNS = ("sft", "dpo-from-sft", "simpo-from-sft")
+
+
+def _smoke_eval(out: str, name: str) -> str:
+  """The first 16 held-out records of the run's data (--smoke: a short evaluation)."""
+  src = PAIRS[1] if name != "sft" else os.path.join(DATA, "reverse_words.eval.jsonl")
+  path = os.path.join(out, f"smoke_eval_{'pairs' if name != 'sft' else 'sft'}.jsonl")
+  with open(src) as f, open(path, "w") as g:
+    g.writelines(f.readlines()[:16])
+  return path
 
 
 def command(name: str, out: str, *, smoke: bool) -> list[str]:
   """The fine-tuning command of one run."""
   options = [o.format(sft=os.path.join(out, "sft", "adapter")) for o in RUNS[name]]
   if smoke:  # the run's own options, then tiny sizes (later flags win)
-    options += SMOKE + (["--eval-data", PAIRS[1]] if name != "sft" else [])
+    options += SMOKE + ["--eval-data", _smoke_eval(out, name)]
   return [sys.executable, "-m", "jlora.finetune", *options, "--output-dir", os.path.join(out, name),
           "--overwrite", "--no-progress", "--eval-every", "2" if smoke else "25", "--log-every",
           "2" if smoke else "25"]
@@ -88,11 +99,12 @@ def _plot(out: str, curves: dict[str, list[tuple[int, float]]], before: dict[str
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default=None, help="default: runs/preference (with --smoke: a new temporary directory)")
-  ap.add_argument("--smoke", action="store_true", help="a few steps per run, small batches: checks that it runs")
+  ap.add_argument("--smoke", action="store_true", help="a few steps per run, small batches, 16 held-out records, the run from the base left out: checks that it runs")
   args = ap.parse_args(argv)
   out = args.out or (tempfile.mkdtemp(prefix="preference-smoke-") if args.smoke else "runs/preference")
   results = {"smoke": args.smoke, "runs": {}}
-  for name in RUNS:
+  os.makedirs(out, exist_ok=True)
+  for name in SMOKE_RUNS if args.smoke else RUNS:
     cmd = command(name, out, smoke=args.smoke)
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
@@ -100,7 +112,7 @@ def main(argv=None) -> int:
       s = json.load(f)
     results["runs"][name] = {"command": " ".join(["python", *cmd[1:]]), "before": s["before"], "after": s["after"],
                              "steps": s["steps"], "seconds": round(s["seconds"], 1)}
-  pref = [n for n in RUNS if n != "sft"]
+  pref = [n for n in results["runs"] if n != "sft"]
   curves = {n: _curve(out, n) for n in pref}
   before = {n: results["runs"][n]["before"]["eval_rewards/accuracies"] for n in pref}
   results["plot"] = _plot(out, curves, before)

@@ -16,7 +16,7 @@ It reports the mean reward of each step's sampled completions (TRL's ``reward``,
 plotted), and on the 200 held-out prompts the reward and the exact match of greedy answers,
 before and after each run, and the time of each run.
 
-  python examples/grpo_words.py --out runs/grpo      # about 7 minutes on 2 CPU cores
+  python examples/grpo_words.py --out runs/grpo      # 5 to 10 minutes on 2 CPU cores
   python examples/grpo_words.py --smoke --out /tmp/grpo     # a few steps each, 8 held-out prompts: does it run?
 
 Results go to ``<out>/results.json`` and ``<out>/grpo_reward.png`` (the README's
@@ -38,7 +38,7 @@ DATA = os.path.join(HERE, "..", "jlora", "assets", "data")
 SFT_STEPS = "300"
 # GRPO's options, the same for both runs: 16 prompts a step, 8 completions each.
 GRPO = ["--task", "grpo", "--reward", "exact_match", "--num-generations", "8", "--batch-size", "128", "--lr", "3e-4",
-        "--warmup-steps", "3", "--steps", "100", "--max-completion-length", "10"]
+        "--warmup-steps", "3", "--steps", "200", "--max-completion-length", "10"]
 # (run, the command's options); {sft} is the SFT run's adapter.
 RUNS = {
     "sft": ["--steps", SFT_STEPS],

@@ -50,7 +50,7 @@ COVERAGE = {
        for name in ("chunked_logits", "dpo_step", "grpo_step")},
     **{f"examples/{name}.py": ["tests/test_examples.py"]
        for name in ("make_dataset", "make_tiny_base", "convert_flax_checkpoint", "serve_many", "lorahub_words",
-                    "preference_words")},
+                    "preference_words", "grpo_words")},
 }
 # What a test file must contain to count as running the program (a script: its path).
 RUNS = {"jlora-finetune": ('"-m", "jlora.finetune"', 'finetune("'),

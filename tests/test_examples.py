@@ -56,7 +56,8 @@ def group(tmp_path_factory):
            ["examples/serve_many.py", "--smoke", "--out", str(t / "serve_many.json")],
            ["tests/example_inputs.py", "adapters", str(t / "hub"), *GIVEN],
            ["examples/lorahub_words.py", "--smoke", "--out", str(t / "hub")],
-           ["examples/preference_words.py", "--smoke", "--out", str(t / "pref")]]
+           ["examples/preference_words.py", "--smoke", "--out", str(t / "pref")],
+           ["examples/grpo_words.py", "--smoke", "--out", str(t / "grpo")]]
   run = run_group(steps, env=smoke_env())
   print(f"examples smoke group: {run.summary()}")
   run.out = t
@@ -167,8 +168,53 @@ def test_preference_words(group):
     result = json.load(f)
   assert result["smoke"] is True and set(result["runs"]) == {"sft", "dpo-from-sft", "simpo-from-sft"}
   for name, r in result["runs"].items():
-    assert r["command"].startswith("python -m jlora.finetune ") and f"$ -m jlora.finetune" in run.stdout
+    assert r["command"].startswith("python -m jlora.finetune ") and "$ -m jlora.finetune" in run.stdout
     if name != "sft":
       assert 0 <= r["after"]["eval_rewards/accuracies"] <= 1 and 0 <= r["after"]["exact_match"] <= 1
   assert result["runs"]["dpo-from-sft"]["before"]["eval_rewards/margins"] == 0.0  # the reference is the start
   assert (group.out / "pref" / "preference_accuracy.png").stat().st_size > 1000
+
+
+def test_grpo_words(group):
+  run = group.ok("examples/grpo_words.py")
+  with open(group.out / "grpo" / "results.json") as f:
+    result = json.load(f)
+  assert result["smoke"] is True and set(result["runs"]) == {"sft", "grpo-from-sft", "grpo-from-base"}
+  assert "$ -m jlora.finetune" in run.stdout
+  for name, r in result["runs"].items():
+    assert r["command"].startswith("python -m jlora.finetune "), r["command"]
+    assert r["steps"] == 2 and math.isfinite(r["seconds"]) and r["seconds"] > 0
+    assert 0 <= r["before"]["exact_match"] <= 1 and 0 <= r["after"]["exact_match"] <= 1
+    if name != "sft":
+      assert "--task grpo --reward exact_match" in r["command"]
+      assert 0 <= r["before"]["eval_reward"] <= 1 and 0 <= r["after"]["eval_reward"] <= 1
+      assert [s for s, _ in r["reward_curve"]] == [2]  # --log-every 2 of 2 steps
+      assert all(0 <= v <= 1 for _, v in r["reward_curve"]), r["reward_curve"]
+      assert 0 <= r["reward_first_quarter"] <= 1 and 0 <= r["reward_last_quarter"] <= 1
+  assert f"--init-adapter {group.out / 'grpo' / 'sft' / 'adapter'}" in result["runs"]["grpo-from-sft"]["command"]
+  assert "--init-adapter" not in result["runs"]["grpo-from-base"]["command"]
+  numbers(r"grpo-from-sft \|\s+\S+ -> (\S+) \|", run.stdout)  # the table: the sampled reward, last quarter
+  assert (group.out / "grpo" / "grpo_reward.png").stat().st_size > 1000
+
+
+def test_grpo_words_runs_parse_as_the_fine_tuning_command(tmp_path):
+  """The runs grpo_words.py documents (not --smoke) are what the README's table says: GRPO with exact_match."""
+  sys.path.insert(0, os.path.join(REPO, "examples"))
+  try:
+    import grpo_words
+  finally:
+    sys.path.pop(0)
+  from jlora.finetune.config import parse_args
+
+  configs = {}
+  for name in grpo_words.RUNS:
+    cmd = grpo_words.command(name, str(tmp_path), smoke=False)
+    assert cmd[:3] == [sys.executable, "-m", "jlora.finetune"]
+    configs[name], _ = parse_args(cmd[3:])
+  assert configs["sft"].task == "sft" and configs["sft"].steps == int(grpo_words.SFT_STEPS)
+  for name in ("grpo-from-sft", "grpo-from-base"):
+    cfg = configs[name]
+    assert cfg.task == "grpo" and cfg.reward == ("exact_match",) and cfg.num_generations == 8
+    assert cfg.batch_size % cfg.num_generations == 0
+  assert configs["grpo-from-sft"].init_adapter == str(tmp_path / "sft" / "adapter")
+  assert configs["grpo-from-base"].init_adapter == ""

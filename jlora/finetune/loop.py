@@ -83,7 +83,8 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
   """Runs steps ``run.start .. run.total``; returns the final ``(adapters, opt_state)``.
 
   Logs ``loss``, ``grad_norm``, ``tokens_per_s`` (and the task's metrics) every ``log_every``
-  steps to ``metrics.jsonl``, with the eval metrics every ``eval_every`` steps; shows them on
+  steps to ``metrics.jsonl``, with the eval metrics every ``eval_every`` steps (logged then as well,
+  when ``eval_every`` is no multiple of ``log_every``); shows them on
   the progress bar, or prints them as lines with ``--no-progress``.
   """
   task, mesh = run.task, run.mesh
@@ -105,11 +106,12 @@ def train(run: Run, o: LoopOptions, say: Callable[[str], None]) -> tuple[Any, An
       adapters, opt_state, loss, gnorm, metrics = run.step(adapters, opt_state, run.frozen, batch,
                                                            jax.random.fold_in(run.rng, step))
       done = step + 1
-      if done % o.log_every == 0 or done == run.total:
+      evaluate = done % o.eval_every == 0 or done == run.total
+      if done % o.log_every == 0 or evaluate:  # an evaluation step is logged too, whatever --log-every is
         dt = max(time.time() - t_last, 1e-9)
         entry = {"step": done, "loss": float(loss), "grad_norm": float(gnorm), "tokens_per_s": tokens_since / dt,
                  **{k: float(v) for k, v in metrics.items()}, **task.pop_metrics()}
-        if done % o.eval_every == 0 or done == run.total:
+        if evaluate:
           last_eval = task.evaluate(jlora.combine(adapters, run.frozen))
           entry.update(last_eval)
         log.log(**entry)

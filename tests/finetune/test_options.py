@@ -50,10 +50,15 @@ def test_bf16_remat_run(tmp_path):
 def test_packed_plain_text_run(tmp_path):
   text = tmp_path / "corpus.txt"
   text.write_text("\n\n".join(f"The value {i} is stored in the list." for i in range(200)))
-  summary = run(TrainConfig(output_dir=str(tmp_path / "out"), data=str(text), pack=True, eval_exact_match=-1,
-                            **{k: v for k, v in QUICK.items() if k != "eval_exact_match"}))
+  # (and an --eval-every that is no multiple of --log-every: each evaluation is logged too)
+  options = {**QUICK, "eval_exact_match": -1, "log_every": 3, "eval_every": 2}
+  summary = run(TrainConfig(output_dir=str(tmp_path / "out"), data=str(text), pack=True, **options))
   assert "exact_match" not in summary["after"]
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+  with open(tmp_path / "out" / "metrics.jsonl") as f:
+    entries = [json.loads(l) for l in f]
+  assert [(e["step"], "eval_loss" in e) for e in entries] == [(2, True), (3, False), (4, True), (6, True),
+                                                               (8, True)]
 
 
 def test_chat_template(tmp_path):

@@ -38,10 +38,12 @@ def base():
   return model_lib.load(DEFAULT_MODEL)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("olora", "dora") else c
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("olora", "dora", "loftq") else c
                                   for c in CASES])
 # (slow: olora takes the same residual path as pissa, its init checked against PEFT in tests/variants;
-# dora is one LoraConfig flag here, its training, merge and PEFT format checked in tests/variants)
+# dora is one LoraConfig flag here, its training, merge and PEFT format checked in tests/variants;
+# loftq: its init against PEFT's in tests/quant/test_loftq.py, a 4-bit base through the command in
+# tests/finetune/test_quantize_option.py)
 def test_option_learns_saves_reloads_and_exports(case, base, small_eval, tmp_path):
   options, variant = CASES[case]
   out = str(tmp_path / case)

@@ -98,7 +98,6 @@ def main(argv=None) -> dict:
   same = bool(np.array_equal(np.asarray(unmerged()), np.asarray(trl_way())))  # the same samples either way
 
   # -- the train step ------------------------------------------------------------------------------
-  t = p_len + c_len
   full_ids = jnp.concatenate([jnp.asarray(ids), jnp.asarray(rng.integers(3, cfg.vocab_size, (prompts * g, c_len)),
                                                             jnp.int32)], axis=1)
   comp = jnp.concatenate([jnp.zeros((prompts * g, p_len), jnp.int32), jnp.ones((prompts * g, c_len), jnp.int32)], 1)

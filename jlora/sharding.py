@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jlora import _init
 from jlora._lazy import is_lazy_node
 from jlora._tree import leaves_with_paths, path_str
-from jlora._weight import LoraSpec, LoraWeight, is_lora_weight, is_node
+from jlora._weight import LoraSpec, is_lora_weight, is_node
 
 Policy = Literal["derive", "replicate"]
 Rules = Sequence[tuple[str, P]]

@@ -36,7 +36,7 @@ from jlora.models import _bnb as bnb
 from jlora.models import _mxfp4 as mxfp4
 from jlora.models.config import ModelConfig
 from jlora.models.decoder import Decoder, Params, _nest
-from jlora.models.names import Param, param_table
+from jlora.models.names import param_table
 from jlora.quant._weight import is_nf4
 
 CONFIG_NAME = "config.json"

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,6 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jlora._apply.wrap import wrap
-from jlora._weight import LoraWeight
 from jlora.models.decoder import Head
 
 _F32 = jnp.float32

@@ -24,7 +24,7 @@ Tokenization follows TRL's ``DPOTrainer._prepare_dataset`` / ``KTOTrainer._prepa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,20 +185,9 @@ def tokenize_preference(examples: Sequence[Example], tokenizer: Any, *, max_len:
     ([18, 11, 18, 29, 20, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0])
   """
   _check_args(examples, Preference, max_len)
-  kept, skipped, merged = [], [], 0
-  for ex in examples:
-    try:
-      prompt, (chosen, rejected), m = _tokenize(tokenizer, ex, ex.record.prompt,
-                                                (ex.record.chosen, ex.record.rejected))
-      _check_room(ex.where, len(prompt), max_len)
-    except DataError as e:
-      if not skip_bad:
-        raise
-      skipped.append(str(e))
-      continue
-    merged += m
-    kept.append((ex.where, prompt, chosen, rejected))
-  _check_left(kept, skipped, examples)
+  tokenized, skipped, merged = _tokenize_each(examples, tokenizer, max_len, skip_bad,
+                                              lambda r: (r.chosen, r.rejected))
+  kept = [(ex.where, prompt, chosen, rejected) for ex, prompt, (chosen, rejected) in tokenized]
   pad = _pad(tokenizer)
   c = _rows([(p, a) for _, p, a, _ in kept], max_len, pad)
   r = _rows([(p, a) for _, p, _, a in kept], max_len, pad)
@@ -241,19 +230,8 @@ def tokenize_unpaired(examples: Sequence[Example], tokenizer: Any, *, max_len: i
   """
   examples = unpair(examples)
   _check_args(examples, Unpaired, max_len)
-  kept, skipped, merged = [], [], 0
-  for ex in examples:
-    try:
-      prompt, (completion,), m = _tokenize(tokenizer, ex, ex.record.prompt, (ex.record.completion,))
-      _check_room(ex.where, len(prompt), max_len)
-    except DataError as e:
-      if not skip_bad:
-        raise
-      skipped.append(str(e))
-      continue
-    merged += m
-    kept.append((ex.where, prompt, completion, ex.record.label))
-  _check_left(kept, skipped, examples)
+  tokenized, skipped, merged = _tokenize_each(examples, tokenizer, max_len, skip_bad, lambda r: (r.completion,))
+  kept = [(ex.where, prompt, completion, ex.record.label) for ex, prompt, (completion,) in tokenized]
   pad = _pad(tokenizer)
   ids, am, cm = _rows([(p, c) for _, p, c, _ in kept], max_len, pad)
   n = len(kept)
@@ -270,6 +248,27 @@ def tokenize_unpaired(examples: Sequence[Example], tokenizer: Any, *, max_len: i
   truncated = sum(len(p) + len(c) > max_len for _, p, c, _ in kept)
   return data, PreferenceReport(examples=len(examples), truncated=truncated, prompt_merged=merged, max_len=max_len,
                                 skipped=tuple(skipped))
+
+
+def _tokenize_each(examples: Sequence[Example], tokenizer: Any, max_len: int, skip_bad: bool,
+                   answers: Callable[[Any], tuple[Any, ...]]) -> tuple[list, list[str], int]:
+  """``[(example, prompt ids, answers' ids)]`` of the examples that tokenize with room for an answer,
+  the problems of those skipped (``skip_bad``; else the first raises), and how many had their prompt
+  merged into an answer. ``answers(record)``: the record's answers, each tokenized after the prompt."""
+  kept, skipped, merged = [], [], 0
+  for ex in examples:
+    try:
+      prompt, tokenized, m = _tokenize(tokenizer, ex, ex.record.prompt, answers(ex.record))
+      _check_room(ex.where, len(prompt), max_len)
+    except DataError as e:
+      if not skip_bad:
+        raise
+      skipped.append(str(e))
+      continue
+    merged += m
+    kept.append((ex, prompt, tokenized))
+  _check_left(kept, skipped, examples)
+  return kept, skipped, merged
 
 
 def _check_args(examples: Sequence[Example], kind: type, max_len: int) -> None:

@@ -33,6 +33,38 @@ def block(x):
   return x
 
 
+def compiled_costs(compiled) -> dict:
+  """FLOPs and memory from XLA's cost and memory analysis of a compiled step.
+
+  ``peak_bytes`` = arguments + outputs + temporaries - outputs aliased to donated
+  arguments: what the step holds at its peak, the number users compare.
+  """
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  out = {"flops": float(cost["flops"]), "temp_bytes": int(mem.temp_size_in_bytes),
+         "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+         "alias_bytes": int(mem.alias_size_in_bytes)}
+  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+  return out
+
+
+def donating_runner(step, args, donated: bool) -> Callable[[], None]:
+  """Calls a train step ``(params, opt_state, ...) -> (params, opt_state, loss)`` repeatedly; when
+  ``donated``, its new params and optimizer state go back in (the donated inputs are gone)."""
+  state = list(args)
+
+  def run():
+    out = step(*state)
+    if donated:
+      state[0], state[1] = out[0], out[1]
+      block(out[2])
+    else:
+      block(out)
+
+  return run
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
   """Times each fn once per round, alternating, so machine noise hits all alike."""
   for _ in range(warmup):

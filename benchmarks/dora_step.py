@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from _common import (ALL_LINEAR, ALPHA, BATCH, LLAMA, RANK, SEQ, add_smoke_flag, interleaved_times, median, rounds_of,
-                     shape_of, write_result)
-from train_step import causal_lm_loss, runner, xla_costs
+from _common import (ALL_LINEAR, ALPHA, BATCH, LLAMA, RANK, SEQ, add_smoke_flag, donating_runner, interleaved_times,
+                     median, rounds_of, shape_of, write_result)
+from train_step import causal_lm_loss, xla_costs
 
 warnings.filterwarnings("ignore")
 
@@ -98,7 +98,7 @@ def main(argv=None):
   result = {"config": {**shape["llama"], "batch": shape["batch"], "seq": shape["seq"], "rank": RANK,
                        "targets": ALL_LINEAR}, "xla": xla}
   if not args.quick:
-    fns = {k: runner(*v, donated=True) for k, v in steps.items()}
+    fns = {k: donating_runner(*v, donated=True) for k, v in steps.items()}
     try:
       torch_fns, threads = torch_steps(**shape)
       fns.update(torch_fns)

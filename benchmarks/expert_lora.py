@@ -45,7 +45,8 @@ import numpy as np
 import optax
 
 import jlora
-from _common import add_smoke_flag, block, interleaved_times, median, rounds_of, write_result
+from _common import (add_smoke_flag, compiled_costs, donating_runner, interleaved_times, median, rounds_of,
+                     write_result)
 from jlora._targets import expand_targets
 
 warnings.filterwarnings("ignore")
@@ -202,11 +203,8 @@ def jax_steps(config: dict, params, ids):
 def xla_costs(step, args, kernel_shapes) -> dict:
   """FLOPs, temp memory and expert-kernel-shaped buffers of the compiled step."""
   compiled = step.lower(*args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis()
-  return {"flops": float(cost["flops"]), "temp_bytes": int(mem.temp_size_in_bytes),
-          "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+  costs = compiled_costs(compiled)
+  return {**{k: costs[k] for k in ("flops", "temp_bytes", "argument_bytes", "output_bytes")},
           "expert_kernel_shaped_buffers": kernel_buffers(compiled.as_text(), kernel_shapes)}
 
 
@@ -232,20 +230,6 @@ def kernel_buffers(hlo: str, kernel_shapes) -> dict:
       counts[kind] = counts.get(kind, 0) + 1
   counts.setdefault("computed", 0)
   return counts
-
-
-def runner(step, args, donated: bool):
-  state = list(args)
-
-  def run():
-    out = step(*state)
-    if donated:
-      state[0], state[1] = out[0], out[1]
-      block(out[2])
-    else:
-      block(out)
-
-  return run
 
 
 def torch_steps(model, ids):
@@ -306,7 +290,7 @@ def main(argv=None):
         f"{xla['floor']['expert_kernel_shaped_buffers']['computed']}, full fine-tuning "
         f"{xla['full']['expert_kernel_shaped_buffers']['computed']}", flush=True)
   if not args.quick:
-    fns = {k: runner(*steps[k], donated=k != "floor") for k in steps}
+    fns = {k: donating_runner(*steps[k], donated=k != "floor") for k in steps}
     threads = None
     if not args.no_torch:
       try:

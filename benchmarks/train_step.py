@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import optax
 
 import jlora
-from _common import (ALL_LINEAR, ALPHA, LLAMA, RANK, SMOKE_BATCH, SMOKE_LLAMA, SMOKE_SEQ, add_smoke_flag, block,
-                     interleaved_times, median, rounds_of, write_result)
+from _common import (ALL_LINEAR, ALPHA, LLAMA, RANK, SMOKE_BATCH, SMOKE_LLAMA, SMOKE_SEQ, add_smoke_flag,
+                     compiled_costs, donating_runner, interleaved_times, median, rounds_of, write_result)
 
 warnings.filterwarnings("ignore")
 
@@ -150,35 +150,8 @@ def qwix_step(model, ids):
 
 
 def xla_costs(step, args) -> dict:
-  """FLOPs and memory from XLA's cost and memory analysis of the compiled step.
-
-  ``peak_bytes`` = arguments + outputs + temporaries - outputs aliased to donated
-  arguments: what the step holds at its peak, the number users compare.
-  """
-  compiled = step.lower(*args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis()
-  out = {"flops": float(cost["flops"]), "temp_bytes": int(mem.temp_size_in_bytes),
-         "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-         "alias_bytes": int(mem.alias_size_in_bytes)}
-  out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
-  return out
-
-
-def runner(step, args, donated: bool):
-  """Calls a step repeatedly, threading donated outputs back in."""
-  state = list(args)
-
-  def run():
-    out = step(*state)
-    if donated:
-      state[0], state[1] = out[0], out[1]
-      block(out[2])
-    else:
-      block(out)
-
-  return run
+  """FLOPs and memory from XLA's cost and memory analysis of the compiled step (``compiled_costs``)."""
+  return compiled_costs(step.lower(*args).compile())
 
 
 def torch_steps(shape: str, smoke: bool = False):
@@ -242,8 +215,8 @@ def run_shape(shape: str, *, quick: bool, rounds: int, torch_peers: bool, warmup
   result["xla"] = xla
   if quick:
     return result
-  fns = {k: runner(*steps[k], donated=k != "floor") for k in ("floor", "jlora", "full", "jlora_autodiff", "qwix")
-         if k in steps}
+  fns = {k: donating_runner(*steps[k], donated=k != "floor")
+         for k in ("floor", "jlora", "full", "jlora_autodiff", "qwix") if k in steps}
   threads = None
   if torch_peers:
     try:

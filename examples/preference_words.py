@@ -99,7 +99,8 @@ def _plot(out: str, curves: dict[str, list[tuple[int, float]]], before: dict[str
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default=None, help="default: runs/preference (with --smoke: a new temporary directory)")
-  ap.add_argument("--smoke", action="store_true", help="a few steps per run, small batches, 16 held-out records, the run from the base left out: checks that it runs")
+  ap.add_argument("--smoke", action="store_true", help="a few steps per run, small batches, 16 held-out records, "
+                  "the run from the base left out: checks that it runs")
   args = ap.parse_args(argv)
   out = args.out or (tempfile.mkdtemp(prefix="preference-smoke-") if args.smoke else "runs/preference")
   results = {"smoke": args.smoke, "runs": {}}

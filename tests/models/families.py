@@ -87,6 +87,26 @@ def save_torch(model, directory) -> str:
   return str(directory)
 
 
+# Two prompts of different lengths, for greedy generation against transformers'.
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+
+
+def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+  """transformers' greedy continuation of each prompt (left-padded with id 0, no EOS stop)."""
+  import torch  # (the reference, imported where it is used)
+
+  width = max(len(p) for p in prompts)
+  ids = np.zeros((len(prompts), width), np.int64)
+  mask = np.zeros((len(prompts), width), np.int64)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):] = p
+    mask[i, width - len(p):] = 1
+  with torch.no_grad():
+    out = model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+  return out[:, width:].numpy().tolist()
+
+
 # Two rows of 12 tokens (ids 3..95: no bos/eos/pad).
 IDS = np.random.default_rng(0).integers(3, COMMON["vocab_size"], (2, 12))
 

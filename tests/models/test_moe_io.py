@@ -15,7 +15,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import jlora.models
-from families import IDS, MOE_FAMILIES
+from families import IDS, MOE_FAMILIES, PROMPTS, torch_greedy
 
 NAMES = list(MOE_FAMILIES)
 
@@ -23,17 +23,8 @@ NAMES = list(MOE_FAMILIES)
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_generation_matches_transformers(family, name):
   f = family(name)
-  prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
-  width = 7
-  ids = np.zeros((2, width), np.int64)
-  mask = np.zeros((2, width), np.int64)
-  for i, p in enumerate(prompts):
-    ids[i, width - len(p):] = p
-    mask[i, width - len(p):] = 1
-  with torch.no_grad():
-    out = f.torch_model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                                 max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-  want = out[:, width:].numpy().tolist()
+  prompts = PROMPTS
+  want = torch_greedy(f.torch_model, prompts, max_new_tokens=10)
   # Prefill, then one token at a time through the KV cache (left padding; test_parity covers right padding
   # and stopping, which the experts do not change).
   assert jlora.models.generate(f.model, f.params, prompts, max_new_tokens=10, eos_id=()) == want

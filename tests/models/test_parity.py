@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jlora.models
-from families import IDS
+from families import IDS, PROMPTS, torch_greedy
 from families import FAMILIES
 
 NAMES = list(FAMILIES)
@@ -63,17 +63,8 @@ def test_bfloat16_logits_are_as_accurate_as_transformers(family, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_generation_matches_transformers(family, name):
   f = family(name)
-  prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
-  width = 7
-  ids = np.zeros((2, width), np.int64)
-  mask = np.zeros((2, width), np.int64)
-  for i, p in enumerate(prompts):
-    ids[i, width - len(p):] = p
-    mask[i, width - len(p):] = 1
-  with torch.no_grad():
-    out = f.torch_model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                                 max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-  want = out[:, width:].numpy().tolist()
+  prompts = PROMPTS
+  want = torch_greedy(f.torch_model, prompts, max_new_tokens=10)
   assert jlora.models.generate(f.model, f.params, prompts, max_new_tokens=10, eos_id=()) == want
   if name in ("mistral", "gemma3"):  # sliding windows: the cases where positions vs slots matter
     # Right padding gives the same tokens (positions and masks follow the real tokens).

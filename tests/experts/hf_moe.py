@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
+from experts.moe_fns import dispatch_sorted
 from jlora.peft import ModuleMap
 
 FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
@@ -155,21 +156,11 @@ def _rope(x, theta):  # x [B, S, heads, hd]; transformers' rotate_half form
 
 def experts_sorted(x, mlp, top_k, renormalize):
   """Routed experts by sorted dispatch: softmax in float32, top-k, ``ragged_dot`` per projection."""
-  e = mlp["experts"]
-  num = e["gate_proj"]["kernel"].shape[0]
   probs = jax.nn.softmax((x @ mlp["router"]["kernel"]).astype(jnp.float32), axis=-1)
   w, idx = jax.lax.top_k(probs, top_k)
   if renormalize:
     w = w / w.sum(-1, keepdims=True)
-  flat = idx.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  xs = x[order // top_k]
-  sizes = jnp.bincount(flat, length=num).astype(jnp.int32)
-  g = jax.lax.ragged_dot(xs, e["gate_proj"]["kernel"], sizes)
-  u = jax.lax.ragged_dot(xs, e["up_proj"]["kernel"], sizes)
-  ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, e["down_proj"]["kernel"], sizes)
-  y = ys[jnp.argsort(order)].reshape(x.shape[0], top_k, -1)
-  return jnp.einsum("tkh,tk->th", y, w.astype(x.dtype))
+  return dispatch_sorted(x, mlp["experts"], w.astype(x.dtype), idx)
 
 
 def forward(params, ids, cfg):

@@ -78,9 +78,14 @@ def route(x, router, top_k):
 
 def experts_sorted(x, mlp, top_k):
   """Sorted dispatch: repeat each token top_k times, sort by expert, three ragged_dots, unsort."""
-  e = mlp["experts"]
-  num = e["gate_proj"]["kernel"].shape[0]
   w, idx = route(x, mlp["router"]["kernel"], top_k)
+  return dispatch_sorted(x, mlp["experts"], w, idx)
+
+
+def dispatch_sorted(x, e, w, idx):
+  """SwiGLU experts ``e`` on each token's ``top_k`` choices ``idx`` ([tokens, top_k]), weighted by ``w``:
+  the token copies sorted by expert, one ``ragged_dot`` per projection, unsorted."""
+  top_k, num = idx.shape[-1], e["gate_proj"]["kernel"].shape[0]
   flat = idx.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   xs = x[order // top_k]
